@@ -33,6 +33,8 @@ __all__ = [
     "SEGMENTATION_PREFIX",
     "build_encoder",
     "build_segmentation_network",
+    "init_transformer_weights",
+    "freeze_unused_cross_attention_norms",
 ]
 
 # Widths and depths per kind and size. ViT "large" is Hi-End-MAE's large (patch 12, width 1536);
@@ -106,6 +108,7 @@ class ViTEncoder(nn.Module):
             for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(hidden_size)
+        freeze_unused_cross_attention_norms(self)
         self.hidden_size = hidden_size
         self.patch_size = self.patch_embedding.patch_embeddings.kernel_size
         self.grid_shape = tuple(s // p for s, p in zip(ensure_tuple_rep(img_size, spatial_dims), self.patch_size))
@@ -283,3 +286,33 @@ def build_segmentation_network(
         out_channels=out_channels,
         blocks_down=tuple(args["blocks_down"]),
     )
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """MAE's initialisation: Xavier-uniform linear layers and patch projection, unit LayerNorms.
+
+    Fixed (non-trainable) position embeddings are left as they are.
+    """
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_uniform_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+        elif isinstance(sub, PatchEmbeddingBlock) and isinstance(sub.patch_embeddings, (nn.Conv2d, nn.Conv3d)):
+            # Initialise the projection like a linear layer over the flattened patch (MAE).
+            weight = sub.patch_embeddings.weight
+            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+
+
+def freeze_unused_cross_attention_norms(module: nn.Module) -> None:
+    """Stop training the cross-attention LayerNorm that MONAI's TransformerBlock always creates.
+
+    Blocks without cross-attention never use it; it stays in the state dict (MONAI's ViT has it
+    too) but must not ask for gradients, or DistributedDataParallel reports unused parameters.
+    """
+    for block in module.modules():
+        if isinstance(block, TransformerBlock) and not block.with_cross_attention:
+            block.norm_cross_attn.requires_grad_(False)

@@ -16,19 +16,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointLoader
+from monai.inferers import Inferer
 from monai.utils import CommonKeys
 
 __all__ = [
     "network_loss",
     "output_loss",
-    "MeanLoss",
+    "MeanOutput",
+    "MethodInferer",
     "GradientClipping",
     "StopOnNonFiniteLoss",
     "WarmupCosineSchedule",
     "latest_checkpoint",
+    "ResumeFromLatest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,26 +51,47 @@ def output_loss(output: dict | Sequence[dict]) -> torch.Tensor:
     return output[0][CommonKeys.PRED]["loss"]
 
 
-class MeanLoss(Metric):
-    """Mean of the network's own loss over an evaluation run, weighted by batch size."""
+class MeanOutput(Metric):
+    """Mean over an evaluation run of one entry of the network's output dict.
 
-    def __init__(self, output_transform: Callable = lambda output: output, device: str | torch.device = "cpu"):
+    The entry is a scalar (weighted by batch size) or a per-sample (B,) tensor. With the default
+    key "loss" this is the validation loss of a pretraining network.
+    """
+
+    def __init__(self, key: str = "loss", output_transform: Callable = lambda output: output,
+                 device: str | torch.device = "cpu") -> None:
+        self.key = key
         super().__init__(output_transform=output_transform, device=device)
 
+    @reinit__is_reduced
     def reset(self) -> None:
         self._sum = torch.zeros((), dtype=torch.float64, device=self._device)
         self._count = 0
 
+    @reinit__is_reduced
     def update(self, output: dict) -> None:
-        loss = output[CommonKeys.PRED]["loss"].detach()
+        value = output[CommonKeys.PRED][self.key].detach().to(self._sum)
         batch = output[CommonKeys.IMAGE].shape[0]
-        self._sum += loss.to(self._sum) * batch
+        self._sum += value.sum() if value.ndim else value * batch
         self._count += batch
 
+    @sync_all_reduce("_sum", "_count")
     def compute(self) -> float:
         if self._count == 0:
-            raise RuntimeError("MeanLoss has seen no batch: is the validation dataset empty?")
+            raise RuntimeError(f"MeanOutput({self.key!r}) has seen no batch: is the evaluation dataset empty?")
         return float(self._sum) / self._count
+
+
+class MethodInferer(Inferer):
+    """Inferer that calls a named method of the network instead of forward (e.g. an evaluation)."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__()
+        self.method = method
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs):
+        network = getattr(network, "module", network)
+        return getattr(network, self.method)(inputs, *args, **kwargs)
 
 
 class GradientClipping:
@@ -134,9 +160,29 @@ class WarmupCosineSchedule(torch.optim.lr_scheduler.LambdaLR):
 
 
 def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> str:
-    """Path of the newest ``{prefix}*.pt`` in folder, or "" when there is none (fresh start)."""
+    """Path of the newest ``{prefix}*.pt`` in folder, or "" when there is none."""
     candidates = sorted(Path(folder).glob(f"{prefix}*.pt"), key=lambda p: p.stat().st_mtime)
-    if candidates:
-        logger.info("resuming from %s", candidates[-1])
-        return str(candidates[-1])
-    return ""
+    return str(candidates[-1]) if candidates else ""
+
+
+class ResumeFromLatest:
+    """Resume a trainer from the newest checkpoint in ckpt_dir, or log a fresh start.
+
+    Args:
+        ckpt_dir: folder of the resumable checkpoints written by CheckpointSaver.
+        load_dict: objects to restore, e.g. {"model": ..., "optimizer": ..., "trainer": ...}.
+        prefix: checkpoint file names start with it.
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, load_dict: dict, prefix: str = "checkpoint") -> None:
+        self.ckpt_dir = ckpt_dir
+        self.load_dict = load_dict
+        self.prefix = prefix
+
+    def attach(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.ckpt_dir, self.prefix)
+        if not path:
+            logger.info("no checkpoint in %s: training starts from scratch", self.ckpt_dir)
+            return
+        logger.info("resuming from %s", path)
+        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location="cpu").attach(engine)
