@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines.utils import IterationEvents
-from monai.handlers import CheckpointLoader
 from monai.inferers import Inferer
 from monai.utils import CommonKeys
 
@@ -33,7 +33,7 @@ __all__ = [
     "StopOnNonFiniteLoss",
     "WarmupCosineSchedule",
     "latest_checkpoint",
-    "ResumeFromLatest",
+    "ResumableCheckpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class MeanOutput(Metric):
     key "loss" this is the validation loss of a pretraining network.
     """
 
+    required_output_keys = (CommonKeys.IMAGE, CommonKeys.PRED)
+
     def __init__(self, key: str = "loss", output_transform: Callable = lambda output: output,
                  device: str | torch.device = "cpu") -> None:
         self.key = key
@@ -69,9 +71,10 @@ class MeanOutput(Metric):
         self._count = 0
 
     @reinit__is_reduced
-    def update(self, output: dict) -> None:
-        value = output[CommonKeys.PRED][self.key].detach().to(self._sum)
-        batch = output[CommonKeys.IMAGE].shape[0]
+    def update(self, output: tuple[torch.Tensor, dict]) -> None:
+        image, prediction = output
+        value = prediction[self.key].detach().to(self._sum)
+        batch = image.shape[0]
         self._sum += value.sum() if value.ndim else value * batch
         self._count += batch
 
@@ -165,24 +168,52 @@ def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> 
     return str(candidates[-1]) if candidates else ""
 
 
-class ResumeFromLatest:
-    """Resume a trainer from the newest checkpoint in ckpt_dir, or log a fresh start.
+class ResumableCheckpoint:
+    """Save a resumable checkpoint every ``interval`` epochs and resume from the newest one.
+
+    The trainer itself is added to the saved objects when the handler is attached (configs cannot
+    name it without a circular reference), so a resumed run continues at the saved epoch and
+    iteration. Files are written atomically (a temporary file renamed into place) and only on
+    rank 0: a crash during a save never leaves a corrupt newest checkpoint.
 
     Args:
-        ckpt_dir: folder of the resumable checkpoints written by CheckpointSaver.
-        load_dict: objects to restore, e.g. {"model": ..., "optimizer": ..., "trainer": ...}.
-        prefix: checkpoint file names start with it.
+        ckpt_dir: folder for ``{prefix}_epoch=N.pt``.
+        save_dict: objects with state, e.g. {"model": ..., "optimizer": ..., "lr_scheduler": ...}.
+        interval: epochs between checkpoints.
+        n_saved: how many checkpoints to keep.
+        prefix: file name prefix.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike, load_dict: dict, prefix: str = "checkpoint") -> None:
-        self.ckpt_dir = ckpt_dir
-        self.load_dict = load_dict
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        save_dict: dict,
+        interval: int = 1,
+        n_saved: int = 1,
+        prefix: str = "checkpoint",
+    ) -> None:
+        self.ckpt_dir = str(ckpt_dir)
+        self.save_dict = save_dict
+        self.interval = interval
+        self.n_saved = n_saved
         self.prefix = prefix
 
     def attach(self, engine: Engine) -> None:
+        objects = dict(self.save_dict, trainer=engine)
         path = latest_checkpoint(self.ckpt_dir, self.prefix)
-        if not path:
+        if path:
+            logger.info("resuming from %s", path)
+            max_epochs = engine.state.max_epochs
+            Checkpoint.load_objects(objects, torch.load(path, map_location="cpu", weights_only=True))
+            engine.state.max_epochs = max_epochs  # the command's epoch budget wins over the saved one
+        else:
             logger.info("no checkpoint in %s: training starts from scratch", self.ckpt_dir)
-            return
-        logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location="cpu").attach(engine)
+        saver = Checkpoint(
+            objects,
+            DiskSaver(self.ckpt_dir, require_empty=False, atomic=True),
+            filename_prefix=self.prefix,
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.epoch,
+            filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), saver)
