@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -22,6 +24,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
+from monai.transforms import Randomizable, Transform
 from monai.utils import CommonKeys
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "StopOnNonFiniteLoss",
     "WarmupCosineSchedule",
     "latest_checkpoint",
+    "RNGState",
     "ResumableCheckpoint",
 ]
 
@@ -168,10 +172,84 @@ def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> 
     return str(candidates[-1]) if candidates else ""
 
 
+class RNGState:
+    """The random state a training run draws from, as a checkpointable object.
+
+    It covers torch (CPU and CUDA), numpy and Python's global generators and the private
+    RandomState of every random transform of the training data loader, so that a run resumed
+    from an epoch checkpoint draws the same crops, shuffles and masks as an uninterrupted one.
+    Everything is stored as tensors and numbers, loadable with ``weights_only=True``.
+    """
+
+    def __init__(self, data_loader=None) -> None:
+        transform = getattr(getattr(data_loader, "dataset", None), "transform", None)
+        self.transforms = _random_objects(transform) if transform is not None else []
+
+    def state_dict(self) -> dict:
+        _, keys, position, has_gauss, cached = np.random.get_state()
+        version, python_state, gauss = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_extra": [int(position), int(has_gauss), float(cached)],
+            "python": torch.tensor(python_state, dtype=torch.int64),
+            "python_extra": [version, gauss],
+            "transforms": [_numpy_state_to_tensors(t.R.get_state()) for t in self.transforms],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        position, has_gauss, cached = state["numpy_extra"]
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
+        version, gauss = state["python_extra"]
+        random.setstate((version, tuple(state["python"].tolist()), gauss))
+        if len(state["transforms"]) != len(self.transforms):
+            raise ValueError(
+                f"the checkpoint holds the random state of {len(state['transforms'])} data transforms, this run has "
+                f"{len(self.transforms)}: resume with the same preprocessing config"
+            )
+        for transform, saved in zip(self.transforms, state["transforms"]):
+            transform.R.set_state(_numpy_state_from_tensors(saved))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _random_objects(root: object) -> list[Randomizable]:
+    """Every Randomizable reachable from root through attributes and lists, in a fixed order.
+
+    MONAI's random dictionary transforms hold random array transforms with their own
+    RandomState (e.g. RandCropByPosNegLabeld.cropper), so the top level is not enough.
+    """
+    found, seen, stack = [], set(), [root]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        elif isinstance(item, (Transform, Randomizable)) and id(item) not in seen:
+            seen.add(id(item))
+            if isinstance(item, Randomizable):
+                found.append(item)
+            stack.extend(reversed(list(vars(item).values())))
+    return found
+
+
+def _numpy_state_to_tensors(state: tuple) -> list:
+    _, keys, position, has_gauss, cached = state
+    return [torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_tensors(saved: list) -> tuple:
+    keys, position, has_gauss, cached = saved
+    return ("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached)
+
+
 class ResumableCheckpoint:
     """Save a resumable checkpoint every ``interval`` epochs and resume from the newest one.
 
-    The trainer itself is added to the saved objects when the handler is attached (configs cannot
+    The trainer itself and the run's random state (:class:`RNGState`) are added to the saved objects when the handler is attached (configs cannot
     name it without a circular reference), so a resumed run continues at the saved epoch and
     iteration. Files are written atomically (a temporary file renamed into place) and only on
     rank 0: a crash during a save never leaves a corrupt newest checkpoint.
@@ -199,7 +277,7 @@ class ResumableCheckpoint:
         self.prefix = prefix
 
     def attach(self, engine: Engine) -> None:
-        objects = dict(self.save_dict, trainer=engine)
+        objects = dict(self.save_dict, trainer=engine, rng=RNGState(getattr(engine, "data_loader", None)))
         path = latest_checkpoint(self.ckpt_dir, self.prefix)
         if path:
             logger.info("resuming from %s", path)
@@ -217,3 +295,16 @@ class ResumableCheckpoint:
             filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
         )
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), saver)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._keep_newest)
+
+    def _keep_newest(self, _engine: Engine) -> None:
+        """Remove older checkpoints, including those a resumed run inherited from the killed one."""
+        if _engine_rank() != 0:
+            return
+        checkpoints = sorted(Path(self.ckpt_dir).glob(f"{self.prefix}_epoch=*.pt"), key=lambda p: p.stat().st_mtime)
+        for old in checkpoints[: -self.n_saved]:
+            old.unlink(missing_ok=True)
+
+
+def _engine_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
