@@ -1,0 +1,384 @@
+"""Frequency-domain corruptions and filters of Frepa, for 2D and 3D images.
+
+Every function takes images shaped (B, C, *spatial); ``spatial_dims`` defaults to ``x.ndim - 2``
+and, when given, is checked against the input. The corruptions draw one set of parameters per
+sample and every random number from the optional ``generator`` (which must live on the input's
+device), run as batched tensor ops on that device and never synchronise with the host.
+
+Conventions shared by all functions:
+
+- Spectra are kept in the layout ``torch.fft.fftn`` returns (DC at index 0; along an axis of
+  size n, index i holds frequency i for i < (n + 1) // 2, else i - n), so no full-size shift is
+  ever made. Patches of the spectrum, the protected core and windows are defined on the
+  *centred* spectrum ``fftshift(fftn(x))``, where index j holds ``k = j - n // 2``; only these
+  small masks are moved between the layouts.
+- Frequency distances are in *frequency-index units at a reference size* (512, the official 2D
+  image size): along an axis of size n, frequency k counts as ``k * reference_size / n``. The
+  official cut-offs (d0 = 10..50 on 512 images) therefore keep the same place in the spectrum,
+  relative to Nyquist, at any size; at 96 voxels d0 = 10 is 1.875 index units. Pass
+  ``reference_size=None`` to measure in the array's own index units.
+- The corruptions end with the real part of the inverse FFT, as the official code does. The
+  output's spectrum is therefore the Hermitian-symmetric part of the modified spectrum: a
+  coefficient zeroed at k whose mirror -k was kept keeps half of its amplitude.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+from monai.utils import ensure_tuple_rep
+
+__all__ = [
+    "frequency_radius",
+    "gaussian_highpass_bank",
+    "highpass_filter",
+    "spectral_patch_mask",
+    "low_frequency_perturbation",
+    "frequency_corruption",
+    "histogram_equalised_mask",
+]
+
+# Official Frepa cut-offs of the high-frequency loss, at the reference size 512.
+DEFAULT_CUTOFFS: tuple[float, ...] = (10.0, 20.0, 30.0, 40.0, 50.0)
+REFERENCE_SIZE = 512
+
+
+def _check_spatial_dims(x: torch.Tensor, spatial_dims: int | None) -> int:
+    """Number of spatial axes of a (B, C, *spatial) tensor."""
+    inferred = x.ndim - 2
+    if inferred < 1 or (spatial_dims is not None and spatial_dims != inferred):
+        raise ValueError(
+            f"expected an image shaped (B, C, *spatial) with spatial_dims={spatial_dims or '2 or 3'}, "
+            f"got shape {tuple(x.shape)}; add the missing batch/channel axes or fix spatial_dims"
+        )
+    return inferred
+
+
+def _spatial_axes(spatial_dims: int) -> tuple[int, ...]:
+    return tuple(range(-spatial_dims, 0))
+
+
+def _as_fft_input(x: torch.Tensor) -> torch.Tensor:
+    # FFTs need float32/float64 (half-precision FFTs only exist for power-of-two sizes on GPU).
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _uniform(
+    value_range: Sequence[float], batch_size: int, device: torch.device, generator: torch.Generator | None, name: str
+) -> torch.Tensor:
+    """One U(low, high) draw per sample: (B,)."""
+    low, high = value_range
+    if not low <= high:
+        raise ValueError(f"{name} must be (low, high) with low <= high, got {tuple(value_range)}")
+    return low + (high - low) * torch.rand(batch_size, device=device, generator=generator)
+
+
+def _patch_grid(
+    spatial_shape: Sequence[int], patch_size: int | Sequence[int], name: str
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(patch, grid) per axis; the patch must tile the image exactly."""
+    patch = ensure_tuple_rep(patch_size, len(spatial_shape))
+    if any(p < 1 or n % p for n, p in zip(spatial_shape, patch)):
+        raise ValueError(
+            f"{name} {patch} does not tile the spatial shape {tuple(spatial_shape)}; "
+            f"crop or pad the input to a multiple of {name}, or choose another {name}"
+        )
+    return patch, tuple(n // p for n, p in zip(spatial_shape, patch))
+
+
+def _interleave(grid: Sequence[int], patch: Sequence[int]) -> list[int]:
+    """[g0, p0, g1, p1, ...]: the shape that views an image as its blocks without copying."""
+    return [v for g, p in zip(grid, patch) for v in (g, p)]
+
+
+def _spectral_patch_index(n: int, p: int, device: torch.device) -> torch.Tensor:
+    """Spectral patch of every fftn-layout index along an axis of size n (patches on the centred axis)."""
+    centred = (torch.arange(n, device=device) + n // 2) % n  # fftshift moves index i to (i + n//2) mod n
+    return centred // p
+
+
+def _mirror(values: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """Value at -k for every frequency k, in fftn layout (index i <-> (n - i) mod n on every axis)."""
+    axes = _spatial_axes(spatial_dims)
+    return torch.roll(torch.flip(values, axes), (1,) * spatial_dims, axes)
+
+
+def _fft(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    return torch.fft.fftn(x, dim=_spatial_axes(spatial_dims))
+
+
+def _real_inverse(spectrum: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    return torch.fft.ifftn(spectrum, dim=_spatial_axes(spatial_dims)).real
+
+
+def frequency_radius(
+    spatial_shape: Sequence[int],
+    device: torch.device | str | None = None,
+    reference_size: int | None = REFERENCE_SIZE,
+    onesided: bool = False,
+) -> torch.Tensor:
+    """Distance of every FFT coefficient from DC, in frequency-index units at ``reference_size``.
+
+    Laid out as ``torch.fft.fftn`` returns its coefficients (DC first, not centred), or as
+    ``torch.fft.rfftn`` does when ``onesided`` (last axis n // 2 + 1 long). Float32.
+    """
+    squared = 0.0
+    last = len(spatial_shape) - 1
+    for axis, n in enumerate(spatial_shape):
+        freq = torch.fft.rfftfreq(n, device=device) if onesided and axis == last else torch.fft.fftfreq(n, device=device)
+        freq = freq * (reference_size if reference_size is not None else n)
+        shape = [1] * len(spatial_shape)
+        shape[axis] = -1
+        squared = squared + freq.reshape(shape) ** 2
+    return torch.sqrt(squared)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_highpass_bank(
+    spatial_shape: tuple[int, ...], cutoffs: tuple[float, ...], device: torch.device, reference_size: int | None
+) -> torch.Tensor:
+    radius_sq = frequency_radius(spatial_shape, device, reference_size, onesided=True) ** 2
+    d0_sq = torch.tensor(cutoffs, device=device).reshape(-1, *[1] * len(spatial_shape)) ** 2
+    return 1.0 - torch.exp(-radius_sq / d0_sq)
+
+
+def gaussian_highpass_bank(
+    spatial_shape: Sequence[int],
+    cutoffs: float | Sequence[float] = DEFAULT_CUTOFFS,
+    device: torch.device | str | None = None,
+    reference_size: int | None = REFERENCE_SIZE,
+) -> torch.Tensor:
+    """Gaussian high-pass filters H = 1 - exp(-D^2 / d0^2), one per cut-off d0.
+
+    D is the distance from DC (see :func:`frequency_radius`). Because every H is real and
+    symmetric in k, it is returned in the layout of ``torch.fft.rfftn``: (K, *spatial_shape[:-1],
+    spatial_shape[-1] // 2 + 1), float32. Cached per (shape, cut-offs, device, reference size):
+    treat the result as read-only.
+    """
+    cutoffs = (cutoffs,) if isinstance(cutoffs, (int, float)) else cutoffs
+    if not cutoffs or min(cutoffs) <= 0:
+        raise ValueError(f"cutoffs must be one or more positive frequencies, got {cutoffs}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _cached_highpass_bank(
+        tuple(int(n) for n in spatial_shape), tuple(float(c) for c in cutoffs), device, reference_size
+    )
+
+
+def highpass_filter(
+    x: torch.Tensor,
+    cutoffs: float | Sequence[float] = DEFAULT_CUTOFFS,
+    reference_size: int | None = REFERENCE_SIZE,
+    spatial_dims: int | None = None,
+) -> torch.Tensor:
+    """Gaussian high-pass filtered copies of x, one per cut-off: (B, C, *spatial) -> (K, B, C, *spatial).
+
+    Differentiable; the mean (DC) is removed by every filter.
+    """
+    spatial_dims = _check_spatial_dims(x, spatial_dims)
+    axes = _spatial_axes(spatial_dims)
+    spatial_shape = x.shape[-spatial_dims:]
+    bank = gaussian_highpass_bank(spatial_shape, cutoffs, x.device, reference_size)
+    spectrum = torch.fft.rfftn(_as_fft_input(x), dim=axes)
+    filtered = spectrum.unsqueeze(0) * bank.reshape(bank.shape[0], *[1] * (x.ndim - spatial_dims), *bank.shape[1:])
+    return torch.fft.irfftn(filtered, s=spatial_shape, dim=axes).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _protected_core(
+    spatial_shape: tuple[int, ...], patch: tuple[int, ...], protected_radius: float, device: torch.device
+) -> torch.Tensor:
+    """Boolean (*spatial) mask, fftn layout, of the coefficients that are never masked."""
+    core = torch.ones(spatial_shape, dtype=torch.bool, device=device)
+    for axis, (n, p) in enumerate(zip(spatial_shape, patch)):
+        # Centred patch j holds k in [j*p - n//2, (j+1)*p - 1 - n//2]; it is protected when it
+        # reaches into the open band |k| < radius * p around DC.
+        first = torch.arange(0, n, p, device=device) - n // 2
+        in_band = (first < protected_radius * p) & (first + p - 1 > -protected_radius * p)
+        shape = [1] * len(spatial_shape)
+        shape[axis] = n
+        core = core & in_band[_spectral_patch_index(n, p, device)].reshape(shape)
+    # Close the set under k -> -k so the real part of the inverse leaves it exactly unchanged.
+    return core | _mirror(core, len(spatial_shape))
+
+
+@functools.lru_cache(maxsize=32)
+def _spectral_patch_lookup(
+    spatial_shape: tuple[int, ...], patch: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Per axis, the spectral patch of every fftn-layout index."""
+    return tuple(_spectral_patch_index(n, p, device) for n, p in zip(spatial_shape, patch))
+
+
+def _mask_spectral_patches(
+    spectrum: torch.Tensor,
+    spatial_dims: int,
+    patch_size: int | Sequence[int],
+    ratio_range: Sequence[float],
+    protected_radius: float,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero random spectral patches of a spectrum (B, C, *spatial); returns it and the keep mask."""
+    spatial_shape = tuple(spectrum.shape[-spatial_dims:])
+    patch, grid = _patch_grid(spatial_shape, patch_size, "patch_size")
+    batch_size, device = spectrum.shape[0], spectrum.device
+    ratio = _uniform(ratio_range, batch_size, device, generator, "ratio_range")
+    draws = torch.rand(batch_size, *grid, device=device, generator=generator)
+    masked = draws < ratio.reshape(-1, *[1] * spatial_dims)  # (B, *grid)
+    # One axis at a time (B, *grid) -> (B, *spatial): only the last gather is full size.
+    for axis, patch_of_index in enumerate(_spectral_patch_lookup(spatial_shape, patch, device)):
+        masked = masked.index_select(axis + 1, patch_of_index)
+    keep = ~masked | _protected_core(spatial_shape, patch, protected_radius, device)
+    keep_per_channel = keep.reshape(batch_size, *[1] * (spectrum.ndim - spatial_dims - 1), *spatial_shape)
+    return torch.where(keep_per_channel, spectrum, 0), keep
+
+
+@functools.lru_cache(maxsize=32)
+def _relative_radius_sq(spatial_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """sum_i (k_i / n_i)^2, fftn layout: a window of std d in it has std d * n_i per axis."""
+    return frequency_radius(spatial_shape, device, reference_size=1) ** 2
+
+
+def _perturb_low_frequencies(
+    spectrum: torch.Tensor,
+    spatial_dims: int,
+    sigma_mean: float,
+    sigma_std: float,
+    radius_range: Sequence[float],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Add Gaussian-windowed complex noise to a spectrum (B, C, *spatial), DC excluded."""
+    spatial_shape = tuple(spectrum.shape[-spatial_dims:])
+    batch_size, device = spectrum.shape[0], spectrum.device
+    per_sample = (batch_size, *[1] * (spectrum.ndim - 1))
+    scale = (sigma_mean + sigma_std * torch.randn(batch_size, device=device, generator=generator)).abs()
+    radius = _uniform(radius_range, batch_size, device, generator, "radius_range")
+    # Circular complex Gaussian with E|n|^2 = 1 (real and imaginary parts each of variance 1/2).
+    noise = torch.randn(spectrum.shape, dtype=spectrum.dtype, device=device, generator=generator)
+    peak = spectrum.abs().amax(dim=tuple(range(1, spectrum.ndim)))
+    relative_sq = _relative_radius_sq(spatial_shape, device)
+    window = torch.exp(-0.5 * relative_sq / radius.reshape(-1, *[1] * spatial_dims) ** 2)
+    window = torch.where(relative_sq > 0, window, 0.0)  # DC stays untouched
+    window = window.reshape(batch_size, *[1] * (spectrum.ndim - spatial_dims - 1), *spatial_shape)
+    return spectrum + (scale * peak).reshape(per_sample) * window * noise
+
+
+def spectral_patch_mask(
+    x: torch.Tensor,
+    patch_size: int | Sequence[int] = 16,
+    ratio_range: Sequence[float] = (0.5, 0.75),
+    protected_radius: float = 1.0,
+    spatial_dims: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frepa's high-frequency masking: zero random patches of the centred spectrum.
+
+    The centred spectrum is cut into patches of ``patch_size`` coefficients (it must tile the
+    image); per sample a ratio r ~ U(ratio_range) is drawn and every patch outside the protected
+    core is zeroed with probability r. The protected core is every patch that reaches into the
+    box |k_i| < protected_radius * patch_size_i around DC, plus the mirror image of those
+    coefficients. With the default radius 1 and an even number of patches per axis that is the
+    2 (2D: 2x2, 3D: 2x2x2) patches meeting at DC, as in the official code's 32x32 grid; with an
+    odd number it is the patch holding DC and its two neighbours per axis. The mirror closure
+    adds at most one coefficient row per axis and makes the core exactly untouched in the output.
+
+    Random draws, in order: r (B,), then one uniform per patch (B, *grid).
+
+    Returns:
+        the corrupted image (B, C, *spatial), real part of the inverse FFT, in x's dtype;
+        the keep mask (B, *spatial), bool, True where the coefficient was kept, in fftn layout
+        (``torch.fft.fftshift(keep, dim=spatial axes)`` shows it centred).
+    """
+    spatial_dims = _check_spatial_dims(x, spatial_dims)
+    spectrum = _fft(_as_fft_input(x), spatial_dims)
+    spectrum, keep = _mask_spectral_patches(spectrum, spatial_dims, patch_size, ratio_range, protected_radius, generator)
+    return _real_inverse(spectrum, spatial_dims).to(x.dtype), keep
+
+
+def low_frequency_perturbation(
+    x: torch.Tensor,
+    sigma_mean: float = 5e-4,
+    sigma_std: float = 1e-4,
+    radius_range: Sequence[float] = (0.15, 0.25),
+    spatial_dims: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Frepa's low-frequency perturbation: windowed complex noise on the centred spectrum.
+
+    Per sample s = |N(sigma_mean, sigma_std)| and d ~ U(radius_range); the noise at frequency k
+    is s * max|F| * exp(-sum_i k_i^2 / (2 (d * n_i)^2)) * n(k), n a circular complex Gaussian of
+    unit variance and max|F| taken over the sample's channels. DC gets no noise, so the mean
+    is kept. The official code adds real noise; after the real part both give the same
+    expected perturbation energy.
+
+    Random draws, in order: s (B,), d (B,), the complex noise (B, C, *spatial) in fftn layout.
+
+    Returns the perturbed image (B, C, *spatial) in x's dtype.
+    """
+    spatial_dims = _check_spatial_dims(x, spatial_dims)
+    spectrum = _fft(_as_fft_input(x), spatial_dims)
+    spectrum = _perturb_low_frequencies(spectrum, spatial_dims, sigma_mean, sigma_std, radius_range, generator)
+    return _real_inverse(spectrum, spatial_dims).to(x.dtype)
+
+
+def frequency_corruption(
+    x: torch.Tensor,
+    patch_size: int | Sequence[int] = 16,
+    ratio_range: Sequence[float] = (0.5, 0.75),
+    protected_radius: float = 1.0,
+    sigma_mean: float = 5e-4,
+    sigma_std: float = 1e-4,
+    radius_range: Sequence[float] = (0.15, 0.25),
+    spatial_dims: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frepa's frequency corruption: spectral patch masking, then low-frequency perturbation.
+
+    Both act on one centred spectrum with a single FFT pair, as in the official code (so
+    max|F| of the perturbation is taken after masking). Same arguments, draws (masking's first)
+    and outputs as :func:`spectral_patch_mask` followed by :func:`low_frequency_perturbation`.
+    """
+    spatial_dims = _check_spatial_dims(x, spatial_dims)
+    spectrum = _fft(_as_fft_input(x), spatial_dims)
+    spectrum, keep = _mask_spectral_patches(spectrum, spatial_dims, patch_size, ratio_range, protected_radius, generator)
+    spectrum = _perturb_low_frequencies(spectrum, spatial_dims, sigma_mean, sigma_std, radius_range, generator)
+    return _real_inverse(spectrum, spatial_dims).to(x.dtype), keep
+
+
+def histogram_equalised_mask(
+    x: torch.Tensor,
+    patch_size: int | Sequence[int],
+    ratio_range: Sequence[float] = (0.5, 0.75),
+    spatial_dims: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frepa's image masking: replace random patches by noise with the patch's own statistics.
+
+    The image is cut into patches of ``patch_size`` voxels (it must tile the image; official
+    2D: 32 on 512). Per sample r ~ U(ratio_range); each patch is replaced with probability r,
+    per channel, by Gaussian noise with that patch's mean and (population) std.
+
+    Random draws, in order: r (B,), one uniform per patch (B, *grid), the noise (B, C, *spatial).
+
+    Returns:
+        the corrupted image (B, C, *spatial), in x's dtype;
+        the patch mask (B, *grid), bool, True where the patch was replaced.
+    """
+    spatial_dims = _check_spatial_dims(x, spatial_dims)
+    spatial_shape = x.shape[-spatial_dims:]
+    patch, grid = _patch_grid(spatial_shape, patch_size, "patch_size")
+    batch_size, channels = x.shape[:2]
+    ratio = _uniform(ratio_range, batch_size, x.device, generator, "ratio_range")
+    draws = torch.rand(batch_size, *grid, device=x.device, generator=generator)
+    replaced = draws < ratio.reshape(-1, *[1] * spatial_dims)  # (B, *grid)
+    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+    # (B, C, g0, p0, g1, p1, ...): statistics over the p axes, decisions broadcast over them.
+    blocks = x.reshape(batch_size, channels, *_interleave(grid, patch))
+    patch_axes = tuple(3 + 2 * i for i in range(spatial_dims))
+    var, mean = torch.var_mean(blocks, dim=patch_axes, correction=0, keepdim=True)
+    fill = mean + var.sqrt() * noise.reshape(blocks.shape)
+    decision = replaced.reshape(batch_size, 1, *_interleave(grid, [1] * spatial_dims))
+    return torch.where(decision, fill, blocks).reshape(x.shape), replaced
+
