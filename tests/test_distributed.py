@@ -15,6 +15,8 @@ TINY = {
     "hiend_mae": dict(roi_size=[32, 32, 32], decoder_hidden_size=48, decoder_num_heads=4, num_samples=1,
                       val_num_samples=1, batch_size=1, num_val=2, epochs=1, warmup_epochs=1, val_interval=1,
                       figure_interval=1, num_workers=0, cache="none"),
+    "seg_finetune": dict(roi_size=[32, 32, 32], num_samples=1, batch_size=1, num_val=2, epochs=1, warmup_epochs=1,
+                         val_interval=1, num_workers=0, sw_batch_size=1),
 }
 
 

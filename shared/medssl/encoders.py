@@ -271,7 +271,7 @@ def build_segmentation_network(
     if kind == "vit":
         if args["patch_size"] != 16 or args["num_layers"] != 12:
             raise ValueError(f"UNETR needs patch 16 and 12 layers; ViT size {size!r} has {args}")
-        return UNETR(
+        unetr = UNETR(
             in_channels,
             out_channels,
             img_size,
@@ -284,6 +284,8 @@ def build_segmentation_network(
             spatial_dims=spatial_dims,
             qkv_bias=qkv_bias,
         )
+        freeze_unused_cross_attention_norms(unetr)
+        return unetr
     if kind == "swin":
         return SwinUNETR(
             in_channels,
