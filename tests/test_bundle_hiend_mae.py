@@ -1,16 +1,13 @@
 """The Hi-End-MAE bundle runs through MONAI's ConfigWorkflow, the way the model zoo tests bundles."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from bundle_workflow import bundle_workflow, check_metadata_against_schema
 
 from medssl.encoders import SEGMENTATION_PREFIX, build_segmentation_network
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "hiend_mae"
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 TINY = dict(
     num_phantoms=4,
     num_val=1,
@@ -30,18 +27,8 @@ TINY = dict(
 )
 
 
-def workflow(root: Path, config: str = "train", **overrides) -> ConfigWorkflow:
-    files = [str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "demo.json")]
-    if config != "train":
-        files.append(str(BUNDLE / "configs" / f"{config}.json"))
-    return ConfigWorkflow(
-        config_file=files,
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(root),
-        **(TINY | overrides),
-    )
+def workflow(root: Path, *extra_configs: str, **overrides):
+    return bundle_workflow("hiend_mae", root, *extra_configs, **(TINY | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +82,7 @@ def test_resume_continues_from_the_last_checkpoint(trained):
 
 def test_evaluate_reports_model_and_patch_mean_errors(trained):
     root, _ = trained
-    evaluate = workflow(root, config="evaluate")
+    evaluate = workflow(root, "evaluate")
     evaluate.initialize()
     evaluate.run()
     metrics = evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
@@ -106,10 +93,5 @@ def test_evaluate_reports_model_and_patch_mean_errors(trained):
 
 
 def test_metadata_is_valid_against_the_official_schema():
-    if not SCHEMA.is_file():
-        pytest.skip(f"official schema not found at {SCHEMA}")
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    metadata = check_metadata_against_schema("hiend_mae")
     assert "medssl" in metadata["required_packages_version"]

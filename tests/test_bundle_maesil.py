@@ -1,19 +1,18 @@
 """The MAESIL bundle runs through MONAI's ConfigWorkflow (train, baselines, evaluate), tiny sizes."""
 
 import csv
-import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_workflow import bundle_workflow, check_metadata_against_schema
 from monai.bundle import ConfigWorkflow
 
 from medssl.encoders import build_encoder
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "maesil"
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 TINY = dict(
     num_phantoms=3,
     num_val=1,
@@ -37,16 +36,7 @@ TINY = dict(
 
 
 def workflow(root: Path, *configs: str, **overrides) -> ConfigWorkflow:
-    files = [BUNDLE / "configs" / "train.json", BUNDLE / "configs" / "demo.json"]
-    files += [BUNDLE / "configs" / f"{config}.json" for config in configs]
-    return ConfigWorkflow(
-        config_file=[str(f) for f in files],
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(root),
-        **(TINY | overrides),
-    )
+    return bundle_workflow("maesil", root, *configs, **(TINY | overrides))
 
 
 def run(flow: ConfigWorkflow, check: bool = True):
@@ -162,10 +152,5 @@ def test_evaluate_names_the_training_command_when_a_baseline_is_missing(trained,
 
 
 def test_metadata_is_valid_against_the_official_schema():
-    if not SCHEMA.is_file():
-        pytest.skip(f"official schema not found at {SCHEMA}")
-    from monai.bundle import verify_metadata
-
-    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    metadata = check_metadata_against_schema("maesil")
     assert "medssl" in metadata["required_packages_version"]
