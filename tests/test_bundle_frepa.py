@@ -76,8 +76,8 @@ def test_train_writes_weights_checkpoint_figures_and_logs(trained):
     assert list((root / "eval" / "tb").glob("events.out.tfevents.*"))
     assert list((root / "data").rglob("dataset.json")), "the embedded phantoms were not generated"
     assert math.isfinite(validation.metrics["val_reconstruction_loss"])
-    # StepLR, gamma 0.9 per epoch (demo rate 3e-4).
-    assert checkpoint["lr_scheduler"]["_last_lr"][0] == pytest.approx(3e-4 * 0.9**2)
+    # StepLR, gamma 0.9 per epoch (demo rate 1e-3).
+    assert checkpoint["lr_scheduler"]["_last_lr"][0] == pytest.approx(1e-3 * 0.9**2)
 
 
 def test_model_pt_loads_into_unetr_with_every_encoder_tensor(trained):
