@@ -51,6 +51,12 @@ def _override_prediction(model: HiEndMAE, edit):
     return model.decoder_pred.register_forward_hook(lambda _m, _i, out: edit(out))
 
 
+def _masked_target(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The normalised target of the masked tokens in raster order: (B, M, P)."""
+    target = patch_normalise(patchify(x, 16))
+    return target[mask.bool()].reshape(x.shape[0], -1, target.shape[-1])
+
+
 def test_loss_ignores_visible_patches_and_uses_normalised_target():
     model = tiny_model().eval()
     x = image()
@@ -58,18 +64,28 @@ def test_loss_ignores_visible_patches_and_uses_normalised_target():
     baseline = model(x, generator())
     visible = 1 - baseline["mask"]
 
-    handle = _override_prediction(model, lambda out: out + 5.0 * visible.unsqueeze(-1))
+    # The head runs on the masked tokens only.
+    seen = []
+    handle = model.decoder_pred.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape))
+    model(x, generator())
+    handle.remove()
+    assert seen == [(2, int(baseline["mask"][0].sum()), 48)]
+
+    # Decoder features of visible tokens never reach the loss; those of masked tokens do. (The
+    # change is not constant over the width, which the decoder's LayerNorm would remove.)
+    last_block, direction = model.decoder_cross_blocks[-1], torch.linspace(-5.0, 5.0, 48)
+    handle = last_block.register_forward_hook(lambda _m, _i, out: out + direction * visible.unsqueeze(-1))
     changed_visible = model(x, generator())
     handle.remove()
     torch.testing.assert_close(changed_visible["loss"], baseline["loss"])
+    assert (changed_visible["pred"] * visible.unsqueeze(-1) == 0).all()
 
-    handle = _override_prediction(model, lambda out: out + 5.0 * baseline["mask"].unsqueeze(-1))
+    handle = last_block.register_forward_hook(lambda _m, _i, out: out + direction * baseline["mask"].unsqueeze(-1))
     changed_masked = model(x, generator())
     handle.remove()
-    assert changed_masked["loss"] > baseline["loss"] + 1.0
+    assert abs(changed_masked["loss"] - baseline["loss"]) > 1e-3
 
-    target = patch_normalise(patchify(x, 16))
-    handle = _override_prediction(model, lambda out: target)
+    handle = _override_prediction(model, lambda out: _masked_target(x, baseline["mask"]))
     perfect = model(x, generator())
     handle.remove()
     assert perfect["loss"].item() < 1e-10
@@ -122,8 +138,8 @@ def test_eval_masks_are_reproducible_and_errors_beat_nothing_at_init():
 def test_figure_panels_denormalise_with_patch_statistics():
     model = tiny_model().eval()
     x = image(1)
-    target = patch_normalise(patchify(x, 16))
-    handle = _override_prediction(model, lambda out: target)
+    mask = model(x)["mask"]  # eval mode: the same mask every call
+    handle = _override_prediction(model, lambda out: _masked_target(x, mask))
     panels = model.figure_panels(x)
     handle.remove()
     torch.testing.assert_close(panels["reconstruction"], x, atol=1e-4, rtol=0)

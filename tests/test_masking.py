@@ -7,6 +7,7 @@ from medssl.masking import (
     block_masking,
     dual_masking,
     gather_tokens,
+    masked_token_ids,
     patchify,
     random_masking,
     scatter_tokens,
@@ -121,3 +122,11 @@ def test_masks_stay_on_the_device(device):
     for mask in (random_masking(2, 64, 0.75, device, generator), dual_masking(2, (4, 4, 4), device=device,
                                                                               generator=generator)):
         assert mask.ids_keep.device.type == device and mask.mask.device.type == device
+
+
+def test_masked_token_ids_are_the_masked_tokens_in_raster_order():
+    mask = random_masking(3, 27, 0.6, torch.device("cpu"), torch.Generator().manual_seed(5))
+    ids = masked_token_ids(mask)
+    assert ids.shape == (3, 27 - mask.ids_keep.shape[1])
+    for sample_ids, sample_mask in zip(ids, mask.mask):
+        assert sample_ids.tolist() == torch.nonzero(sample_mask).flatten().tolist()

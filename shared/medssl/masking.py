@@ -23,6 +23,7 @@ __all__ = [
     "block_masking",
     "dual_masking",
     "gather_tokens",
+    "masked_token_ids",
     "scatter_tokens",
 ]
 
@@ -168,6 +169,13 @@ def dual_masking(
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Select tokens per sample: x (B, N, D), ids (B, K) -> (B, K, D)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def masked_token_ids(mask: TokenMask) -> torch.Tensor:
+    """Indices (B, N - K) of each sample's masked tokens, ascending (raster order)."""
+    num_masked = mask.mask.shape[1] - mask.ids_keep.shape[1]
+    # A stable sort keeps equal entries in index order, so the masked ones (1) come first, ascending.
+    return torch.sort(mask.mask, dim=1, descending=True, stable=True).indices[:, :num_masked]
 
 
 def scatter_tokens(visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ The encoder is the shared ViT run on the visible tokens only. The decoder first 
 [visible ; mask] tokens attend to each other (2 self-attention blocks), then cross-attends, deep
 to shallow, to the visible-token features tapped after encoder blocks 10, 7 and 4 (0-indexed
 hidden states 9, 6, 3), so that every encoder depth gets a direct reconstruction signal. The
-loss is the MSE on masked patches of the per-patch normalised input.
+loss is the MSE on masked patches of the per-patch normalised input; the prediction head runs on
+the masked tokens only, since the loss reads nothing else (MAE runs it on all tokens).
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 
 from medssl.encoders import build_encoder, freeze_unused_cross_attention_norms, init_transformer_weights
-from medssl.losses import masked_mse, patch_normalise
-from medssl.masking import TokenMask, patchify, random_masking, scatter_tokens, unpatchify
+from medssl.losses import patch_normalise
+from medssl.masking import (
+    TokenMask,
+    gather_tokens,
+    masked_token_ids,
+    patchify,
+    random_masking,
+    scatter_tokens,
+    unpatchify,
+)
 
 __all__ = ["HiEndMAE"]
 
@@ -43,7 +53,8 @@ class HiEndMAE(nn.Module):
         eval_seed: seed of the masks drawn in eval mode, so validation losses compare across epochs.
 
     ``forward(image)`` takes (B, C, *img_size) and returns {"loss": scalar, "pred": (B, N, P),
-    "mask": (B, N)}, P = prod(patch) * C, mask 1 where a token was hidden.
+    "mask": (B, N)}, P = prod(patch) * C, mask 1 where a token was hidden; "pred" holds the
+    predictions of the masked tokens and 0 at visible ones (the head never sees those).
     """
 
     def __init__(
@@ -104,23 +115,31 @@ class HiEndMAE(nn.Module):
             generator = torch.Generator(device=image.device).manual_seed(self.eval_seed)
         return random_masking(image.shape[0], self.encoder.num_tokens, self.mask_ratio, image.device, generator)
 
-    def decode(self, latent: torch.Tensor, hidden_states: list[torch.Tensor], mask: TokenMask) -> torch.Tensor:
-        """Visible-token features -> per-patch predictions (B, N, P) for every token."""
+    def decode(
+        self, latent: torch.Tensor, hidden_states: list[torch.Tensor], mask: TokenMask, ids_masked: torch.Tensor
+    ) -> torch.Tensor:
+        """Visible-token features -> predictions (B, M, P) of the M masked tokens ``ids_masked`` (B, M)."""
         x = scatter_tokens(self.decoder_embed(latent), mask.ids_restore, self.mask_token)
         x = x + self.decoder_pos_embed
         for block in self.decoder_self_blocks:
             x = block(x)
         for block, projection, tap in zip(self.decoder_cross_blocks, self.tap_projections, self.tap_order):
             x = block(x, context=projection(hidden_states[tap]))  # keys/values: visible tokens of that tap
-        return self.decoder_pred(self.decoder_norm(x))
+        return self.decoder_pred(self.decoder_norm(gather_tokens(x, ids_masked)))
 
     def forward(self, image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         mask = self.draw_mask(image, generator)
         latent, hidden_states = self.encoder(image, mask.ids_keep)
-        pred = self.decode(latent, hidden_states, mask)
-        target = patchify(image, self.patch_size)
-        loss = masked_mse(pred, target, mask.mask, norm_pix=self.norm_pix_loss)
-        return {"loss": loss, "pred": pred, "mask": mask.mask}
+        ids_masked = masked_token_ids(mask)
+        pred = self.decode(latent, hidden_states, mask, ids_masked)  # (B, M, P)
+        target = gather_tokens(patchify(image, self.patch_size), ids_masked)
+        if self.norm_pix_loss:
+            target = patch_normalise(target)
+        # Every masked token has P voxels, so the mean over all of them is MAE's mean of per-token errors.
+        loss = F.mse_loss(pred, target)
+        pred_all = pred.new_zeros(*mask.mask.shape, pred.shape[-1])
+        pred_all = pred_all.scatter(1, ids_masked.unsqueeze(-1).expand_as(pred), pred)
+        return {"loss": loss, "pred": pred_all, "mask": mask.mask}
 
     def reconstruction_errors(
         self, image: torch.Tensor, generator: torch.Generator | None = None
