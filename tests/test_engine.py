@@ -1,17 +1,23 @@
-"""Engine pieces: schedule, clipping, non-finite loss stop, evaluation means, figures."""
+"""Engine pieces: schedule, clipping, non-finite loss stop, evaluation means, figures, best model and AMP resume."""
 
 import math
+import os
+import socket
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import ValidationHandler
 from torch.utils.data import DataLoader
 
 from medssl.engine import (
+    BestModelCheckpoint,
     GradientClipping,
     MeanOutput,
     MethodInferer,
     ResumableCheckpoint,
+    RNGState,
     StopOnNonFiniteLoss,
     WarmupCosineSchedule,
     network_loss,
@@ -120,3 +126,144 @@ def test_orthogonal_views_writes_a_png(tmp_path):
     path = orthogonal_views({"input": volume, "label": volume}, tmp_path / "views.png", title="t",
                             overlays={"label": labels})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class EpochScores(torch.utils.data.Dataset):
+    """One validation image whose value, the evaluator's key metric, is ``scores[evaluator epoch]``."""
+
+    def __init__(self, scores: dict[int, float]) -> None:
+        self.scores = scores
+        self.evaluator: SupervisedEvaluator | None = None
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, _index: int) -> dict:
+        return {"image": torch.full((1, 2, 2), self.scores[self.evaluator.state.epoch])}
+
+
+def validated_run(ckpt_dir, scores: dict[int, float], epochs: int) -> tuple[SupervisedTrainer, SupervisedEvaluator]:
+    """A trainer validated every epoch on ``scores``, its best model in ckpt_dir/model.pt, resumable."""
+    torch.manual_seed(0)
+    network = LossNet()
+    dataset = EpochScores(scores)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=DataLoader(dataset, batch_size=1), network=network,
+        decollate=False, key_val_metric={"score": MeanOutput("per_sample")},
+        val_handlers=[BestModelCheckpoint(ckpt_dir, {"model": network})],
+    )
+    dataset.evaluator = evaluator
+    engine = trainer(network, epochs=epochs, lr=1e-3)
+    ValidationHandler(interval=1, validator=evaluator).attach(engine)
+    ResumableCheckpoint(ckpt_dir, {"model": network, "optimizer": engine.optimizer}, evaluator=evaluator).attach(engine)
+    return engine, evaluator
+
+
+def test_resume_restores_the_best_metric_and_a_worse_epoch_keeps_the_best_model(tmp_path):
+    first, _ = validated_run(tmp_path, {1: 0.8}, epochs=1)
+    first.run()
+    best_weights = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert torch.equal(best_weights["weight"], first.network.weight)
+    assert torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)["evaluator"] == {
+        "best_metric": pytest.approx(0.8), "best_metric_epoch": 1}
+
+    # A new process: epoch 2 validates worse than the restored best, epoch 3 better.
+    resumed, evaluator = validated_run(tmp_path, {2: 0.5, 3: 0.9}, epochs=3)
+    assert evaluator.state.best_metric == pytest.approx(0.8) and evaluator.state.best_metric_epoch == 1
+    best_after_epoch = {}
+    resumed.add_event_handler(
+        Events.EPOCH_COMPLETED,
+        lambda e: best_after_epoch.update({e.state.epoch: torch.load(tmp_path / "model.pt", weights_only=True)}),
+    )
+    resumed.run()
+    assert torch.equal(best_after_epoch[2]["weight"], best_weights["weight"]), "a worse epoch replaced the best model"
+    assert not torch.equal(best_after_epoch[2]["weight"], LossNet().weight)  # it did train on in epoch 2
+    assert torch.equal(best_after_epoch[3]["weight"], resumed.network.weight), "a better epoch was not saved"
+    assert evaluator.state.best_metric == pytest.approx(0.9) and evaluator.state.best_metric_epoch == 3
+
+
+def test_best_model_checkpoint_needs_a_key_metric(tmp_path):
+    evaluator = SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=loader(), network=LossNet())
+    with pytest.raises(ValueError, match="key_val_metric"):
+        BestModelCheckpoint(tmp_path, {"model": evaluator.network}).attach(evaluator)
+
+
+def test_amp_scaler_state_is_checkpointed_and_resumed(tmp_path, monkeypatch):
+    # On CPU MONAI's torch.cuda.amp.GradScaler() is disabled (it has no state to keep), so give the
+    # trainer an enabled CPU scaler whose scale doubles after every step.
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", lambda: torch.amp.GradScaler("cpu", init_scale=4.0,
+                                                                                  growth_interval=1))
+
+    def amp_run(ckpt_dir, epochs: int) -> SupervisedTrainer:
+        torch.manual_seed(0)
+        network = LossNet()
+        engine = SupervisedTrainer(
+            device=torch.device("cpu"), max_epochs=epochs, train_data_loader=loader(), network=network,
+            optimizer=torch.optim.SGD(network.parameters(), lr=1e-3), loss_function=network_loss, decollate=False,
+            amp=True,
+        )
+        ResumableCheckpoint(ckpt_dir, {"model": network}).attach(engine)
+        return engine
+
+    amp_run(tmp_path / "resumed", epochs=1).run()
+    saved = torch.load(tmp_path / "resumed" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == 4.0 * 2**2  # two steps in epoch 1
+    resumed = amp_run(tmp_path / "resumed", epochs=2)
+    resumed.run()
+    uninterrupted = amp_run(tmp_path / "uninterrupted", epochs=2)
+    uninterrupted.run()
+    assert resumed.scaler.get_scale() == uninterrupted.scaler.get_scale() == 4.0 * 2**4
+    assert torch.equal(resumed.network.weight, uninterrupted.network.weight)
+    assert torch.load(tmp_path / "resumed" / "checkpoint_epoch=2.pt", weights_only=True)["scaler"]["scale"] == 64.0
+
+
+def test_disabled_amp_scaler_is_left_out_and_resume_works(tmp_path):
+    network = LossNet()
+    engine = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader(), network=network,
+        optimizer=torch.optim.SGD(network.parameters(), lr=1e-3), loss_function=network_loss, decollate=False,
+        amp=True,  # without CUDA the scaler MONAI creates is disabled: a state_dict of {} that cannot be loaded
+    )
+    ResumableCheckpoint(tmp_path, {"model": network}).attach(engine)
+    engine.run()
+    assert engine.scaler is not None and not engine.scaler.is_enabled()
+    assert "scaler" not in torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)
+
+
+def test_a_checkpoint_of_another_config_is_refused_with_its_path(tmp_path):
+    network = LossNet()
+    engine = trainer(network)
+    ResumableCheckpoint(tmp_path, {"model": network}).attach(engine)
+    engine.run()
+    other = torch.nn.Linear(3, 1)  # another network: its weights do not fit the saved ones
+    refusal = r"(?s)checkpoint_epoch=1\.pt does not fit this run .*size mismatch.*move it out of"
+    with pytest.raises(ValueError, match=refusal):
+        ResumableCheckpoint(tmp_path, {"model": other}).attach(trainer(other))
+
+
+def rng_worker(rank: int, folder: str, port: int) -> None:
+    """Rank ``rank`` of 2 (gloo): save the random state, draw, then draw again after loading it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # each process its own stream, as the multi-GPU configs seed with seed + rank
+    state = RNGState().state_dict()
+    if rank == 0:
+        torch.save(state, f"{folder}/rng.pt")
+    expected = torch.rand(4)
+    torch.distributed.barrier()
+    torch.manual_seed(123)
+    RNGState().load_state_dict(torch.load(f"{folder}/rng.pt", weights_only=True))
+    torch.save({"expected": expected, "resumed": torch.rand(4)}, f"{folder}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_each_process_of_a_distributed_run_resumes_its_own_random_stream(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(rng_worker, args=(str(tmp_path), port), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert len(torch.load(tmp_path / "rng.pt", weights_only=True)["ranks"]) == 2
+    for rank in ranks:
+        assert torch.equal(rank["resumed"], rank["expected"])
+    assert not torch.equal(ranks[0]["resumed"], ranks[1]["resumed"])

@@ -37,6 +37,8 @@ __all__ = [
     "WarmupCosineSchedule",
     "latest_checkpoint",
     "RNGState",
+    "BestMetricState",
+    "BestModelCheckpoint",
     "ResumableCheckpoint",
 ]
 
@@ -175,17 +177,43 @@ def latest_checkpoint(folder: str | os.PathLike, prefix: str = "checkpoint") -> 
 class RNGState:
     """The random state a training run draws from, as a checkpointable object.
 
-    It covers torch (CPU and CUDA), numpy and Python's global generators and the private
-    RandomState of every random transform of the training data loader, so that a run resumed
-    from an epoch checkpoint draws the same crops, shuffles and masks as an uninterrupted one.
-    Everything is stored as tensors and numbers, loadable with ``weights_only=True``.
+    It covers torch (CPU and CUDA), numpy and Python's global generators, the generators of the
+    given data loaders (their shuffling order and worker seeds) and the private RandomState of
+    every random transform of their datasets, so that a run resumed from an epoch checkpoint
+    draws the same crops, shuffles and masks as an uninterrupted one. In a distributed run every
+    process keeps its own state. Everything is stored as tensors and numbers, loadable with
+    ``weights_only=True``.
+
+    Args:
+        data_loaders: e.g. the trainer's and the evaluator's data loaders; None entries are skipped.
     """
 
-    def __init__(self, data_loader=None) -> None:
-        transform = getattr(getattr(data_loader, "dataset", None), "transform", None)
-        self.transforms = _random_objects(transform) if transform is not None else []
+    def __init__(self, *data_loaders) -> None:
+        loaders = [loader for loader in data_loaders if loader is not None]
+        transforms = [getattr(getattr(loader, "dataset", None), "transform", None) for loader in loaders]
+        self.transforms = _random_objects([t for t in transforms if t is not None])
+        self.generators = _unique(g for loader in loaders for g in _loader_generators(loader) if g is not None)
 
     def state_dict(self) -> dict:
+        """This process's state; in a distributed run {"ranks": every process's state} (rank 0 saves it)."""
+        state = self._process_state()
+        if _world_size() > 1:
+            states = [None] * _world_size()
+            torch.distributed.all_gather_object(states, state)
+            return {"ranks": states}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("ranks", [state])
+        if len(states) != _world_size():
+            logger.warning(
+                "the checkpoint holds the random state of %d process(es), this run has %d: rank r resumes with that "
+                "of rank r %% %d, so this run does not repeat the interrupted one exactly", len(states), _world_size(),
+                len(states),
+            )
+        self._load_process_state(states[_engine_rank() % len(states)])
+
+    def _process_state(self) -> dict:
         _, keys, position, has_gauss, cached = np.random.get_state()
         version, python_state, gauss = random.getstate()
         state = {
@@ -195,26 +223,45 @@ class RNGState:
             "python": torch.tensor(python_state, dtype=torch.int64),
             "python_extra": [version, gauss],
             "transforms": [_numpy_state_to_tensors(t.R.get_state()) for t in self.transforms],
+            "data_loader_generators": [generator.get_state() for generator in self.generators],
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_process_state(self, state: dict) -> None:
+        for key, mine in (("transforms", self.transforms), ("data_loader_generators", self.generators)):
+            if len(state[key]) != len(mine):
+                raise ValueError(
+                    f"the checkpoint holds the random state of {len(state[key])} {key.replace('_', ' ')}, this run has "
+                    f"{len(mine)}: resume with the same preprocessing and data loader config"
+                )
         torch.set_rng_state(state["torch"])
         position, has_gauss, cached = state["numpy_extra"]
         np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), position, has_gauss, cached))
         version, gauss = state["python_extra"]
         random.setstate((version, tuple(state["python"].tolist()), gauss))
-        if len(state["transforms"]) != len(self.transforms):
-            raise ValueError(
-                f"the checkpoint holds the random state of {len(state['transforms'])} data transforms, this run has "
-                f"{len(self.transforms)}: resume with the same preprocessing config"
-            )
         for transform, saved in zip(self.transforms, state["transforms"]):
             transform.R.set_state(_numpy_state_from_tensors(saved))
+        for generator, saved in zip(self.generators, state["data_loader_generators"]):
+            generator.set_state(saved)
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _loader_generators(loader) -> tuple:
+    """The generators a data loader draws from: its own (worker seeds) and its sampler's (shuffling)."""
+    return getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)
+
+
+def _unique(items) -> list:
+    """Items in order, each object once (by identity)."""
+    found, seen = [], set()
+    for item in items:
+        if id(item) not in seen:
+            seen.add(id(item))
+            found.append(item)
+    return found
 
 
 def _random_objects(root: object) -> list[Randomizable]:
@@ -246,13 +293,83 @@ def _numpy_state_from_tensors(saved: list) -> tuple:
     return ("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached)
 
 
+class BestMetricState:
+    """An evaluator's best key metric and its epoch, as a checkpointable object.
+
+    MONAI keeps them in ``evaluator.state.best_metric`` / ``best_metric_epoch``, which ignite's
+    ``Engine.state_dict`` does not hold; without them a resumed run would take its first
+    validation for the best one.
+    """
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+
+
+class BestModelCheckpoint:
+    """Write the network whenever the evaluator's key metric reaches a new best (atomically, on rank 0).
+
+    Attach to a MONAI evaluator. "New best" is the evaluator's own decision (its ``metric_cmp_fn``,
+    recorded in ``state.best_metric_epoch``), which :class:`ResumableCheckpoint` given the
+    evaluator restores, so after a kill and resume a worse epoch never replaces the best model.
+    (MONAI's ``CheckpointSaver(save_key_metric=True)`` keeps its own list of saved scores, which a
+    new process starts empty.)
+
+    Args:
+        save_dir: folder of the file.
+        save_dict: e.g. {"model": network}. A single entry is saved as its bare state dict, like
+            CheckpointSaver does, several as a dict of state dicts.
+        filename: name of the file in save_dir.
+    """
+
+    def __init__(self, save_dir: str | os.PathLike, save_dict: dict, filename: str = "model.pt") -> None:
+        if not save_dict:
+            raise ValueError("BestModelCheckpoint needs save_dict, e.g. {'model': network}")
+        self.save_dir = str(save_dir)
+        self.save_dict = save_dict
+        self.filename = filename
+        self.saver = DiskSaver(self.save_dir, require_empty=False, atomic=True)
+
+    def attach(self, engine: Engine) -> None:
+        if getattr(engine.state, "key_metric_name", None) is None:
+            raise ValueError("BestModelCheckpoint needs an evaluator with a key metric: set its key_val_metric")
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        state = engine.state
+        if state.best_metric_epoch != state.epoch:
+            return
+        states = {name: _unwrapped(obj).state_dict() for name, obj in self.save_dict.items()}
+        self.saver(next(iter(states.values())) if len(states) == 1 else states, self.filename)
+        logger.info("best %s %.4f at epoch %d: saved %s", state.key_metric_name, state.best_metric, state.epoch,
+                    os.path.join(self.save_dir, self.filename))
+
+
+def _unwrapped(obj: Any) -> Any:
+    """The module inside a (Distributed)DataParallel wrapper, so saved keys have no "module." prefix."""
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return obj.module if isinstance(obj, wrappers) else obj
+
+
 class ResumableCheckpoint:
     """Save a resumable checkpoint every ``interval`` epochs and resume from the newest one.
 
-    The trainer itself and the run's random state (:class:`RNGState`) are added to the saved objects when the handler is attached (configs cannot
-    name it without a circular reference), so a resumed run continues at the saved epoch and
-    iteration. Files are written atomically (a temporary file renamed into place) and only on
-    rank 0: a crash during a save never leaves a corrupt newest checkpoint.
+    Added to the given objects: the trainer itself (configs cannot name it without a circular
+    reference), the run's random state (:class:`RNGState` of the trainer's and the evaluator's
+    data loaders), the evaluator's best metric (:class:`BestMetricState`) when ``evaluator`` is
+    given, and the AMP gradient scaler when the trainer uses an enabled one. A resumed run thus
+    continues at the saved epoch and iteration and, on CPU with a fixed seed, ends with the
+    weights of an uninterrupted run. The checkpoint of an epoch is written after every other
+    handler of that epoch (validation included); files are written atomically (a temporary
+    file renamed into place) and only on rank 0: a crash during a save never leaves a corrupt
+    newest checkpoint.
 
     Args:
         ckpt_dir: folder for ``{prefix}_epoch=N.pt``.
@@ -260,6 +377,8 @@ class ResumableCheckpoint:
         interval: epochs between checkpoints.
         n_saved: how many checkpoints to keep.
         prefix: file name prefix.
+        evaluator: the validation engine whose best key metric (and data loader's random state)
+            must survive a resume, e.g. the one a :class:`BestModelCheckpoint` is attached to.
     """
 
     def __init__(
@@ -269,35 +388,79 @@ class ResumableCheckpoint:
         interval: int = 1,
         n_saved: int = 1,
         prefix: str = "checkpoint",
+        evaluator: Engine | None = None,
     ) -> None:
         self.ckpt_dir = str(ckpt_dir)
         self.save_dict = save_dict
         self.interval = interval
         self.n_saved = n_saved
         self.prefix = prefix
+        self.evaluator = evaluator
+        self._objects: dict = {}
+        self._resumed_from = ""
+        self._saved_scaler: dict | None = None
+        self._saver: Checkpoint | None = None
 
     def attach(self, engine: Engine) -> None:
-        objects = dict(self.save_dict, trainer=engine, rng=RNGState(getattr(engine, "data_loader", None)))
-        path = latest_checkpoint(self.ckpt_dir, self.prefix)
-        if path:
-            logger.info("resuming from %s", path)
+        loaders = (getattr(engine, "data_loader", None), getattr(self.evaluator, "data_loader", None))
+        self._objects = dict(self.save_dict, trainer=engine, rng=RNGState(*loaders))
+        if self.evaluator is not None:
+            self._objects["evaluator"] = BestMetricState(self.evaluator)
+        self._resumed_from = latest_checkpoint(self.ckpt_dir, self.prefix)
+        if self._resumed_from:
+            logger.info("resuming from %s", self._resumed_from)
+            checkpoint = torch.load(self._resumed_from, map_location="cpu", weights_only=True)
             max_epochs = engine.state.max_epochs
-            Checkpoint.load_objects(objects, torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                Checkpoint.load_objects(self._objects, checkpoint)
+            except (KeyError, ValueError, RuntimeError) as error:
+                raise ValueError(
+                    f"{self._resumed_from} does not fit this run ({error}). Resume with the config that wrote it, "
+                    f"or move it out of {self.ckpt_dir} to train from scratch."
+                ) from error
             engine.state.max_epochs = max_epochs  # the command's epoch budget wins over the saved one
+            self._saved_scaler = checkpoint.get("scaler")
         else:
             logger.info("no checkpoint in %s: training starts from scratch", self.ckpt_dir)
-        saver = Checkpoint(
-            objects,
-            DiskSaver(self.ckpt_dir, require_empty=False, atomic=True),
-            filename_prefix=self.prefix,
-            n_saved=self.n_saved,
-            global_step_transform=lambda e, _: e.state.epoch,
-            filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
-        )
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), saver)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._keep_newest)
+        # Deferred to the start of the run: MONAI's Trainer.run() creates the AMP scaler afresh, and
+        # the saver must come after every handler attached so far, validation included, so that a
+        # checkpoint holds the evaluator's best metric and the random state after that epoch's validation.
+        engine.add_event_handler(Events.STARTED, self._start)
 
-    def _keep_newest(self, _engine: Engine) -> None:
+    def _start(self, engine: Engine) -> None:
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            self._objects["scaler"] = scaler
+            if self._saved_scaler is not None:
+                scaler.load_state_dict(self._saved_scaler)
+            elif self._resumed_from:
+                logger.warning("%s holds no AMP scaler state: the gradient scale starts afresh", self._resumed_from)
+        else:
+            self._objects.pop("scaler", None)
+            if self._saved_scaler is not None:
+                logger.warning("%s holds an AMP scaler state, unused as this run has no AMP", self._resumed_from)
+        self._saved_scaler = None
+        if self._saver is None:
+            self._saver = Checkpoint(
+                self._objects,
+                DiskSaver(self.ckpt_dir, require_empty=False, atomic=True),
+                filename_prefix=self.prefix,
+                n_saved=self.n_saved,
+                global_step_transform=lambda e, _: e.state.epoch,
+                filename_pattern="{filename_prefix}_epoch={global_step}.{ext}",
+            )
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._saver)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._after_save)
+
+    def _after_save(self, engine: Engine) -> None:
+        self._keep_newest()
+        if engine.state.epoch < engine.state.max_epochs and engine.state.dataloader is not None:
+            # A run resumed from this checkpoint starts the next epoch with a fresh data iterator, so
+            # this one does too: running the old one to its end would draw once more from the
+            # sampler's generator (torch's RandomSampler does) and shift every later shuffle.
+            engine.set_data(engine.state.dataloader)
+
+    def _keep_newest(self) -> None:
         """Remove older checkpoints, including those a resumed run inherited from the killed one."""
         if _engine_rank() != 0:
             return
@@ -306,5 +469,13 @@ class ResumableCheckpoint:
             old.unlink(missing_ok=True)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _engine_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
