@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
 from medssl.data.phantoms import LABELS, generate_phantom, write_phantom_dataset
-from medssl.encoders import build_encoder, build_segmentation_network
+from medssl.encoders import GeneralizedUNETR, build_encoder, build_segmentation_network
 from medssl.segmentation import (
     SegmentationOverlayHandler,
     freeze_encoder,
@@ -70,20 +70,35 @@ def run_workflow(config_files: list[Path], workflow_type: str, **override) -> Co
     return workflow
 
 
-def pretraining_bundle(root: Path) -> Path:
-    """A Hi-End-MAE bundle folder as its training leaves it: models/model.pt of the whole network."""
-    bundle = root / "hiend_mae"
+# MAESIL's demo encoder (ViT-tiny, 8^3 tokens, 4 blocks) as seg_finetune's encoder_args name it.
+MAESIL_ENCODER_ARGS = {"patch_size": 8, "num_layers": 4}
+
+
+def pretraining_bundle(root: Path, name: str = "hiend_mae") -> Path:
+    """A pretraining bundle folder as its training leaves it: models/model.pt of the whole network.
+
+    hiend_mae: ViT-tiny at ROI; maesil: the demo's encoder (ViT-tiny, patch 8, 4 blocks) on ROI superpatches.
+    """
+    bundle = root / name
     (bundle / "models").mkdir(parents=True)
     (bundle / "configs").mkdir()
     (bundle / "configs" / "metadata.json").write_text(json.dumps({"version": "0.1.0", "monai_version": monai.__version__}))
     torch.manual_seed(3)
-    try:
-        from medssl.models.hiend_mae import HiEndMAE
+    if name == "maesil":
+        from medssl.models.maesil import MAESIL
 
-        network = HiEndMAE(img_size=ROI, encoder_size="tiny", decoder_hidden_size=48, decoder_num_heads=4)
+        network = MAESIL(superpatch_size=ROI, patch_size=MAESIL_ENCODER_ARGS["patch_size"], encoder_size="tiny",
+                         encoder_layers=MAESIL_ENCODER_ARGS["num_layers"], encoder_heads=3, decoder_hidden_size=48,
+                         decoder_heads=4)
         state = network.state_dict()
-    except ImportError:
-        state = {f"encoder.{k}": v for k, v in build_encoder("vit", "tiny", img_size=ROI).state_dict().items()}
+    else:
+        try:
+            from medssl.models.hiend_mae import HiEndMAE
+
+            network = HiEndMAE(img_size=ROI, encoder_size="tiny", decoder_hidden_size=48, decoder_num_heads=4)
+            state = network.state_dict()
+        except ImportError:
+            state = {f"encoder.{k}": v for k, v in build_encoder("vit", "tiny", img_size=ROI).state_dict().items()}
     torch.save(state, bundle / "models" / "model.pt")
     return bundle
 
@@ -143,6 +158,30 @@ def test_train_from_a_pretraining_bundle_then_evaluate_and_infer(phantoms, tmp_p
     assert set(values.tolist()) <= set(LABELS) and written.get_data_dtype() == np.uint8
 
 
+def test_finetune_from_a_maesil_bundle_with_its_patch_8_encoder(phantoms, tmp_path, caplog):
+    bundles = tmp_path / "bundles"
+    pretrained = torch.load(pretraining_bundle(bundles, "maesil") / "models" / "model.pt", weights_only=True)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        train = run_workflow(
+            [CONFIGS / "train.json", CONFIGS / "demo.json"], "train",
+            **tiny(phantoms, out), encoder_args=MAESIL_ENCODER_ARGS,
+            **{"pretrained#bundle_name": "maesil", "pretrained#bundle_dir": str(bundles)},
+        )
+    assert "copied 61 of 61 vit encoder tensors" in caplog.text  # 3 embedding + 4 blocks x 14 + 2 norm
+    network = train.parser.get_parsed_content("network")
+    assert isinstance(network, GeneralizedUNETR) and network.skip_blocks == (0, 1, 2)
+    # The patch embedding was fine-tuned from MAESIL's, not from a random start.
+    start = pretrained["encoder.patch_embedding.patch_embeddings.weight"]
+    trained = torch.load(out / "models" / "model.pt", weights_only=True)
+    assert set(trained) == set(build_segmentation_network("vit", "tiny", len(LABELS), ROI,
+                                                          encoder_args=MAESIL_ENCODER_ARGS).state_dict())
+    moved = trained["vit.patch_embedding.patch_embeddings.weight"] - start
+    assert 0 < moved.abs().max() < 0.1 * start.abs().max()
+    evaluator = train.parser.get_parsed_content("validate#evaluator")
+    assert 0.0 <= evaluator.state.best_metric <= 1.0
+
+
 def test_cnn_from_scratch_label_count_and_resume(phantoms, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="pretrained_network") as caught:  # MONAI wraps the config's error
         run_workflow([CONFIGS / "train.json", CONFIGS / "demo.json"], "train",
@@ -179,20 +218,25 @@ def test_ids_that_monai_label_and_the_zoo_read():
         assert key in infer, key
 
 
-def test_verify_net_in_out_and_torchscript_export(tmp_path):
-    # The metadata's 96^3 input through the default UNETR (tiny widths to keep it quick).
+@pytest.mark.parametrize("encoder_args", [{}, MAESIL_ENCODER_ARGS], ids=["monai_unetr", "patch8_unetr"])
+def test_verify_net_in_out_and_torchscript_export(tmp_path, encoder_args):
+    # The metadata's 96^3 input through MONAI's UNETR and the patch-8 UNETR (tiny widths to keep it quick).
     verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
-                      config_file=str(CONFIGS / "inference.json"), bundle_root=str(BUNDLE), encoder_size="tiny")
+                      config_file=str(CONFIGS / "inference.json"), bundle_root=str(BUNDLE), encoder_size="tiny",
+                      encoder_args=encoder_args)
     torch.manual_seed(0)
-    network = build_segmentation_network("vit", "tiny", len(LABELS), ROI).eval()
+    network = build_segmentation_network("vit", "tiny", len(LABELS), ROI, encoder_args=encoder_args).eval()
+    assert isinstance(network, GeneralizedUNETR) == bool(encoder_args)
     torch.save(network.state_dict(), tmp_path / "model.pt")
     ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
                 meta_file=str(CONFIGS / "metadata.json"), config_file=str(CONFIGS / "inference.json"),
-                bundle_root=str(BUNDLE), encoder_size="tiny", roi_size=ROI)
+                bundle_root=str(BUNDLE), encoder_size="tiny", roi_size=ROI, encoder_args=encoder_args)
     exported = torch.jit.load(str(tmp_path / "model.ts"))
     x = torch.rand(1, 1, *ROI, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch.jit.optimized_execution(False):  # skip the JIT's profiling runs
-        torch.testing.assert_close(exported(x), network(x), atol=1e-4, rtol=1e-4)
+        logits = exported(x)
+        assert logits.shape == (1, len(LABELS), *ROI)
+        torch.testing.assert_close(logits, network(x), atol=1e-4, rtol=1e-4)
 
 
 # Fine-tuning options (medssl.segmentation)

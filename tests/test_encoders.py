@@ -8,6 +8,7 @@ from medssl.encoders import (
     ENCODER_SIZES,
     SEGMENTATION_PREFIX,
     CNNEncoder,
+    GeneralizedUNETR,
     SwinEncoder,
     ViTEncoder,
     build_encoder,
@@ -103,8 +104,12 @@ def test_cnn_encoder_loads_into_segresnet():
 def test_factory_sizes_and_errors():
     large = build_encoder("vit", "large", img_size=96)
     assert large.hidden_size == 1536 and len(large.blocks) == 12 and large.num_tokens == 512
-    with pytest.raises(ValueError, match="UNETR needs patch 16"):
-        build_segmentation_network("vit", "large")
+    # Hi-End-MAE's large (patch 12) gets a UNETR too; its width shrunk here to keep the test quick.
+    narrow = {"hidden_size": 48, "mlp_dim": 96, "num_heads": 4}
+    network = build_segmentation_network("vit", "large", 2, img_size=48, encoder_args=narrow)
+    assert isinstance(network, GeneralizedUNETR) and network.vit.patch_embedding.n_patches == 64
+    with pytest.raises(ValueError, match="not divisible by the ViT patch size 12"):
+        build_segmentation_network("vit", "large", 2, img_size=96 + 16, encoder_args=narrow)
     with pytest.raises(ValueError, match="unknown encoder kind 'resnet'"):
         build_encoder("resnet")
     with pytest.raises(ValueError, match="unknown swin size 'huge'"):

@@ -9,18 +9,27 @@
 - :class:`CNNEncoder`: the residual encoder of MONAI's ``SegResNet`` (``encoder.`` -> ``""``).
 
 :func:`build_encoder` makes any of them from a kind and a size; :func:`build_segmentation_network`
-makes the matching MONAI segmentation network for fine-tuning.
+makes the matching segmentation network for fine-tuning: MONAI's UNETR (patch 16, 12 blocks),
+:class:`GeneralizedUNETR` (the same network for other ViT patch sizes and depths), SwinUNETR or
+SegResNet.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
-from monai.networks.nets import SegResNet, SwinUNETR, UNETR
+from monai.networks.blocks import (
+    PatchEmbeddingBlock,
+    TransformerBlock,
+    UnetOutBlock,
+    UnetrBasicBlock,
+    UnetrPrUpBlock,
+    UnetrUpBlock,
+)
+from monai.networks.nets import SegResNet, SwinUNETR, UNETR, ViT
 from monai.networks.nets.swin_unetr import MERGING_MODE, SwinTransformer
 from monai.utils import ensure_tuple_rep
 
@@ -30,16 +39,20 @@ __all__ = [
     "ViTEncoder",
     "SwinEncoder",
     "CNNEncoder",
+    "GeneralizedUNETR",
     "ENCODER_SIZES",
     "SEGMENTATION_PREFIX",
     "build_encoder",
     "build_segmentation_network",
+    "unetr_skip_blocks",
+    "unetr_upsampling",
     "init_transformer_weights",
     "freeze_unused_cross_attention_norms",
 ]
 
 # Widths and depths per kind and size. ViT "large" is Hi-End-MAE's large (patch 12, width 1536);
-# every other ViT keeps patch 16 and depth 12, which is what MONAI's UNETR takes.
+# the other ViTs have patch 16 and depth 12, what MONAI's UNETR takes. Other patch sizes and
+# depths (MAESIL: patch 8, 6 blocks) go through GeneralizedUNETR downstream.
 ENCODER_SIZES: dict[str, dict[str, dict]] = {
     "vit": {
         "tiny": {"patch_size": 16, "hidden_size": 192, "mlp_dim": 768, "num_layers": 12, "num_heads": 3},
@@ -222,12 +235,211 @@ class CNNEncoder(nn.Module):
         return features
 
 
-def _size_args(kind: str, size: str) -> dict:
+def unetr_skip_blocks(num_layers: int) -> tuple[int, int, int]:
+    """The three ViT blocks (0-indexed hidden states, shallow to deep) whose output feeds UNETR's skips.
+
+    MONAI's UNETR taps ``hidden_states[3]``, ``[6]``, ``[9]`` of 12 blocks (the outputs of blocks
+    4, 7 and 10, as Hi-End-MAE's decoder does), i.e. ``k * depth // 4`` for k = 1, 2, 3. Other depths
+    follow the same rule, moved earlier only where needed so that the three taps and the normed
+    output come from four different blocks: 12 -> (3, 6, 9), 8 -> (2, 4, 6), 6 -> (1, 3, 4),
+    4 -> (0, 1, 2). Fewer than 4 blocks cannot give four different ones; the earliest taps repeat
+    (3 -> (0, 0, 1)).
+    """
+    if num_layers < 1:
+        raise ValueError(f"a ViT needs at least one block, got num_layers {num_layers}")
+    return tuple(max(0, min(k * num_layers // 4, num_layers - 5 + k)) for k in (1, 2, 3))  # type: ignore[return-value]
+
+
+def unetr_upsampling(patch_size: int) -> tuple[int, int, int, int]:
+    """Upsampling factor of each of UNETR's four decoder stages, deepest first; their product is patch_size.
+
+    The skips of the three taps are the token grid brought up by the factors of the stages above
+    them (a chain of equal transposed convolutions, MONAI's ``UnetrPrUpBlock``), so the factors
+    other than the last stage's are 1 or 2:
+
+    - a power of two up to 16: the twos go to the finest stages and the skips keep UNETR's
+      strides 2 / 4 / 8 (capped at the patch): 16 -> (2, 2, 2, 2), MONAI's UNETR; 8 -> (1, 2, 2, 2),
+      the deepest stage fuses at the token grid without upsampling;
+    - patch = odd * 2**k with odd > 1 and k <= 3: the odd factor is the last stage's (from the
+      finest skip to the full-resolution convolution of the image): 12 -> (1, 2, 2, 3), skips at
+      strides 12 / 6 / 3.
+    """
+    if patch_size >= 1:
+        twos = (patch_size & -patch_size).bit_length() - 1  # how many times 2 divides patch_size
+        odd = patch_size >> twos
+        if odd == 1 and twos <= 4:
+            return (1,) * (4 - twos) + (2,) * twos  # type: ignore[return-value]
+        if twos <= 3:
+            return (1,) * (3 - twos) + (2,) * twos + (odd,)  # type: ignore[return-value]
+    raise ValueError(
+        f"ViT patch size {patch_size} does not fit UNETR's four decoder stages (1, 2, 4, 8, 16, or an odd "
+        "number times 1, 2, 4 or 8, such as 12); pretrain with one of those patch sizes"
+    )
+
+
+def _skip_projection(
+    spatial_dims: int, in_channels: int, out_channels: int, factors: Sequence[int], norm_name: tuple | str
+) -> UnetrPrUpBlock:
+    """UNETR's skip path: token features up by the product of ``factors`` (all >1 ones equal)."""
+    steps = [factor for factor in factors if factor > 1]
+    return UnetrPrUpBlock(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_layer=max(len(steps) - 1, 0),
+        kernel_size=3,
+        stride=1,
+        # No upsampling at all: a 1x1 transposed convolution projects the tokens to out_channels.
+        upsample_kernel_size=steps[0] if steps else 1,
+        norm_name=norm_name,
+        conv_block=True,
+        res_block=True,
+    )
+
+
+class GeneralizedUNETR(nn.Module):
+    """UNETR for a ViT of any depth and of patch size 8, 12, 16 (any size :func:`unetr_upsampling` takes).
+
+    MONAI's UNETR fixes patch 16 and 12 blocks. This network keeps its parts (MONAI's ``ViT`` as
+    ``vit``, with MONAI ViT's parameter names, so a pretrained ``encoder.`` state loads with the
+    prefix changed to ``vit.``; ``UnetrBasicBlock`` / ``UnetrPrUpBlock`` / ``UnetrUpBlock`` under
+    UNETR's names) and adapts two things: the skips come from the blocks
+    :func:`unetr_skip_blocks` picks for the depth, and the decoder's upsampling factors are
+    :func:`unetr_upsampling` of the patch size. At patch 16 and depth 12 it is MONAI's UNETR
+    (same state-dict keys and output). Attention goes through ``scaled_dot_product_attention``
+    when there is no attention dropout.
+
+    ``forward(x)``: (B, in_channels, *img_size) -> logits (B, out_channels, *img_size).
+
+    Args:
+        in_channels: image channels.
+        out_channels: classes.
+        img_size: input spatial size, divisible by patch_size (fixes the position embedding).
+        patch_size: ViT patch edge length in voxels.
+        feature_size: decoder width at full resolution (x2, x4, x8 at the coarser skips).
+        hidden_size: ViT token width.
+        mlp_dim: hidden width of each block's MLP.
+        num_layers: ViT blocks.
+        num_heads: attention heads per block.
+        skip_blocks: the three blocks (0-indexed, shallow to deep) whose raw output feeds the
+            skips; None: :func:`unetr_skip_blocks` of num_layers.
+        norm_name: feature normalisation of the convolutional blocks.
+        dropout_rate: dropout in attention and MLP.
+        spatial_dims: 2 or 3.
+        qkv_bias: bias on the query/key/value projection (the medssl encoders have it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: Sequence[int] | int,
+        patch_size: int = 8,
+        feature_size: int = 16,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        skip_blocks: Sequence[int] | None = None,
+        norm_name: tuple | str = "instance",
+        dropout_rate: float = 0.0,
+        spatial_dims: int = 3,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        img_size = ensure_tuple_rep(img_size, spatial_dims)
+        _check_patch_grid(img_size, patch_size)
+        skip_blocks = unetr_skip_blocks(num_layers) if skip_blocks is None else tuple(skip_blocks)
+        if len(skip_blocks) != 3 or not all(0 <= block < num_layers for block in skip_blocks):
+            raise ValueError(f"skip_blocks must be three block indices in [0, {num_layers - 1}], got {skip_blocks}")
+        factors = unetr_upsampling(patch_size)
+        self.skip_blocks: tuple[int, int, int] = skip_blocks  # type: ignore[assignment]
+        self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
+        self.feat_size = tuple(size // patch_size for size in img_size)
+        self.hidden_size = hidden_size
+        self.vit = ViT(
+            in_channels=in_channels,
+            img_size=img_size,
+            patch_size=patch_size,
+            hidden_size=hidden_size,
+            mlp_dim=mlp_dim,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            proj_type="conv",
+            dropout_rate=dropout_rate,
+            spatial_dims=spatial_dims,
+            qkv_bias=qkv_bias,
+        )
+        if dropout_rate == 0.0:
+            # MONAI's ViT has no switch for it; its attention blocks read this flag at every call.
+            # MONAI passes the dropout rate to the fused kernel in eval mode too, hence only without dropout.
+            for block in self.vit.blocks:
+                block.attn.use_flash_attention = True
+        self.encoder1 = UnetrBasicBlock(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=feature_size,
+            kernel_size=3,
+            stride=1,
+            norm_name=norm_name,
+            res_block=True,
+        )
+        # Skips of the shallow, middle and deep tap: up by the factors of the stages above them.
+        self.encoder2 = _skip_projection(spatial_dims, hidden_size, feature_size * 2, factors[:3], norm_name)
+        self.encoder3 = _skip_projection(spatial_dims, hidden_size, feature_size * 4, factors[:2], norm_name)
+        self.encoder4 = _skip_projection(spatial_dims, hidden_size, feature_size * 8, factors[:1], norm_name)
+        stage_channels = (hidden_size, feature_size * 8, feature_size * 4, feature_size * 2, feature_size)
+        self.decoder5, self.decoder4, self.decoder3, self.decoder2 = (
+            UnetrUpBlock(
+                spatial_dims=spatial_dims,
+                in_channels=stage_channels[stage],
+                out_channels=stage_channels[stage + 1],
+                kernel_size=3,
+                upsample_kernel_size=factors[stage],
+                norm_name=norm_name,
+                res_block=True,
+            )
+            for stage in range(4)
+        )
+        self.out = UnetOutBlock(spatial_dims=spatial_dims, in_channels=feature_size, out_channels=out_channels)
+        self.proj_axes = (0, spatial_dims + 1) + tuple(d + 1 for d in range(spatial_dims))
+        self.proj_view_shape = list(self.feat_size) + [hidden_size]
+        freeze_unused_cross_attention_norms(self)
+
+    def proj_feat(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, hidden) -> feature map (B, hidden, *grid)."""
+        return x.view([x.size(0)] + self.proj_view_shape).permute(self.proj_axes).contiguous()
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        x, hidden_states_out = self.vit(x_in)
+        enc1 = self.encoder1(x_in)
+        enc2 = self.encoder2(self.proj_feat(hidden_states_out[self.skip_blocks[0]]))
+        enc3 = self.encoder3(self.proj_feat(hidden_states_out[self.skip_blocks[1]]))
+        enc4 = self.encoder4(self.proj_feat(hidden_states_out[self.skip_blocks[2]]))
+        dec3 = self.decoder5(self.proj_feat(x), enc4)
+        dec2 = self.decoder4(dec3, enc3)
+        dec1 = self.decoder3(dec2, enc2)
+        return self.out(self.decoder2(dec1, enc1))
+
+
+def _check_patch_grid(img_size: Sequence[int], patch_size: int) -> None:
+    if any(size % patch_size for size in img_size):
+        raise ValueError(
+            f"img_size {tuple(img_size)} (roi_size) is not divisible by the ViT patch size {patch_size}: "
+            f"use a multiple of {patch_size} on every axis, the size the encoder was pretrained at"
+        )
+
+
+def _size_args(kind: str, size: str, overrides: Mapping[str, Any] | None = None) -> dict:
     if kind not in ENCODER_SIZES:
         raise ValueError(f"unknown encoder kind {kind!r}; choose one of {sorted(ENCODER_SIZES)}")
     if size not in ENCODER_SIZES[kind]:
         raise ValueError(f"unknown {kind} size {size!r}; choose one of {sorted(ENCODER_SIZES[kind])}")
-    return dict(ENCODER_SIZES[kind][size])
+    preset = dict(ENCODER_SIZES[kind][size])
+    unknown = sorted(set(overrides or {}) - set(preset))
+    if unknown:
+        raise ValueError(f"encoder_args {unknown} are not {kind} encoder settings; choose from {sorted(preset)}")
+    return preset | dict(overrides or {})
 
 
 def build_encoder(
@@ -260,17 +472,31 @@ def build_segmentation_network(
     feature_size: int = 16,
     qkv_bias: bool = True,
     dropout_rate: float = 0.0,
+    encoder_args: Mapping[str, Any] | None = None,
 ) -> nn.Module:
-    """The MONAI segmentation network that takes the ``kind``/``size`` encoder's weights.
+    """The segmentation network that takes the ``kind``/``size`` encoder's weights.
 
-    vit -> UNETR (skips from blocks 3/6/9 and the output), swin -> SwinUNETR, cnn -> SegResNet.
+    vit -> UNETR (skips from blocks 3/6/9 and the output): MONAI's own at patch 16 and 12 blocks,
+    :class:`GeneralizedUNETR` for any other patch size or depth; swin -> SwinUNETR; cnn -> SegResNet.
     ``feature_size`` is UNETR's decoder width; Swin and CNN take theirs from the encoder size.
-    Their encoder sits under :data:`SEGMENTATION_PREFIX` ``[kind]``.
+    ``encoder_args`` replace entries of the size preset, as the pretraining bundle did (MAESIL:
+    ``{"patch_size": 8, "num_layers": 6, "num_heads": 8}``); keys outside the preset are refused.
+    The encoder sits under :data:`SEGMENTATION_PREFIX` ``[kind]``.
     """
-    args = _size_args(kind, size)
+    args = _size_args(kind, size, encoder_args)
     if kind == "vit":
         if args["patch_size"] != 16 or args["num_layers"] != 12:
-            raise ValueError(f"UNETR needs patch 16 and 12 layers; ViT size {size!r} has {args}")
+            return GeneralizedUNETR(
+                in_channels,
+                out_channels,
+                img_size,
+                feature_size=feature_size,
+                dropout_rate=dropout_rate,
+                spatial_dims=spatial_dims,
+                qkv_bias=qkv_bias,
+                **args,
+            )
+        _check_patch_grid(ensure_tuple_rep(img_size, spatial_dims), 16)
         unetr = UNETR(
             in_channels,
             out_channels,
