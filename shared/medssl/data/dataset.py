@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
+from copy import deepcopy
 from pathlib import Path
 
+import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import SUPPORTED_PICKLE_MOD
+from monai.utils import convert_to_tensor, look_up_option
 
 from medssl.data.scans import (
     SCAN_EXTENSIONS,
@@ -177,12 +182,46 @@ class CachedScanDataset(_BadScanReporting, CacheDataset):
 
 
 class PersistentScanDataset(_BadScanReporting, PersistentDataset):
-    """``monai.data.PersistentDataset`` that names bad scans (see ``build_dataset``)."""
+    """``monai.data.PersistentDataset`` that names bad scans (see ``build_dataset``) and that several
+    processes (the ranks of a distributed run) can fill at once in one ``cache_dir``.
+
+    MONAI writes a cache file under the system temporary folder and then moves it into
+    ``cache_dir``; when the two lie on different filesystems (a local ``/tmp``, a cache on shared
+    storage) the move is a copy, and another process can open the half-copied file and fail
+    ("PytorchStreamReader failed reading zip archive"). Here the file is written beside its final
+    name and renamed into place, which is atomic: a reader sees no file or a complete one, and
+    concurrent writers of one item write the same bytes.
+    """
 
     def __init__(self, data: Sequence, transform: Callable, cache_dir: str | Path, skip_bad: bool = False) -> None:
         super().__init__(data, transform, cache_dir=cache_dir)
         self.skip_bad = skip_bad
         self._bad_indices = set()
+
+    def _cachecheck(self, item_transformed):
+        if self.cache_dir is None:
+            return super()._cachecheck(item_transformed)
+        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        if hashfile.is_file():
+            return super()._cachecheck(item_transformed)  # MONAI's read, which also recomputes a corrupt file
+        item = self._pre_transform(deepcopy(item_transformed))  # deepcopy keeps the hashed item unchanged
+        try:
+            handle, temporary = tempfile.mkstemp(prefix=f".{hashfile.stem}-", suffix=".tmp", dir=self.cache_dir)
+        except PermissionError:  # a read-only cache folder: train without caching, as MONAI does
+            return item
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(
+                    convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta),
+                    file,
+                    pickle_module=look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD),
+                    pickle_protocol=self.pickle_protocol,
+                )
+            os.replace(temporary, hashfile)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        return item
 
 
 def build_dataset(

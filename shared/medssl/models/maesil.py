@@ -21,7 +21,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.utils import ensure_tuple_rep
 
-from medssl.encoders import build_encoder
+from medssl.encoders import build_encoder, freeze_unused_cross_attention_norms
 from medssl.losses import masked_mse
 from medssl.masking import TokenMask, dual_masking, patchify, scatter_tokens, unpatchify
 
@@ -62,6 +62,7 @@ class MAESILDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(hidden_size)
         self.head = nn.Linear(hidden_size, patch_voxels)
+        freeze_unused_cross_attention_norms(self)  # else DistributedDataParallel reports unused parameters
 
     def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor | None = None) -> torch.Tensor:
         """latent (B, K, encoder width) visible tokens; ids_restore (B, N) from the mask, or None
