@@ -6,8 +6,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# `make zoo`: every bundle as a model-zoo archive in $(ZOO); metadata checked against SCHEMA when it is there.
+ZOO ?= zoo
+ZOO_BUNDLES ?= $(patsubst %/configs/metadata.json,%,$(wildcard bundles/*/configs/metadata.json))
+SCHEMA ?= ../shared/monai/meta_schema_20240725.json
+# `make test-monailabel`: MONAI Label in a venv of its own (README.md, MONAI Label). `===` takes
+# the torch 2.13.0 build that torchvision 0.28.0 is built for (PyPI's default), never a local
+# `2.13.0+cpu` wheel, beside which torchvision does not import.
+MONAILABEL_VENV := build/venv-monailabel
+MONAILABEL_TORCH_SPEC ?= torch===2.13.0
 
-.PHONY: venv test demo bench study zoo clean
+.PHONY: venv test test-monailabel demo bench study zoo clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +30,24 @@ venv: $(BIN)/.installed
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+$(MONAILABEL_VENV)/.installed: pyproject.toml
+	test -x $(MONAILABEL_VENV)/bin/python || $(PYTHON) -m venv $(MONAILABEL_VENV)
+	$(MONAILABEL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MONAILABEL_VENV)/bin/python -m pip install -q "$(MONAILABEL_TORCH_SPEC)"
+	$(MONAILABEL_VENV)/bin/python -m pip install -q -e ".[test,monailabel]"
+	# MONAI 1.6's Spacingd breaks inference inside MONAI Label 0.8.5; 1.5.2's [ignite] extra pins
+	# pytorch-ignite 0.4.11, below medssl's 0.5: so 1.5.2 goes in alone (pyproject.toml, [monailabel]).
+	$(MONAILABEL_VENV)/bin/python -m pip install -q --no-deps monai==1.5.2
+	touch $@
+
+test-monailabel: $(MONAILABEL_VENV)/.installed
+	$(MONAILABEL_VENV)/bin/python -m pytest tests/test_monailabel.py -rs $(PYTEST_ARGS)
+
 demo: venv
 	$(BIN)/python -m medssl.demo
 
+zoo: venv
+	$(BIN)/python -m medssl.zoo pack --bundles $(ZOO_BUNDLES) --out $(ZOO) $(if $(wildcard $(SCHEMA)),--schema $(SCHEMA))
+
 clean:
-	rm -rf $(VENV) bundles/*/models bundles/*/eval runs zoo
+	rm -rf $(VENV) $(MONAILABEL_VENV) bundles/*/models bundles/*/eval runs zoo

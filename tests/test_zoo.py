@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -11,11 +13,19 @@ import monai.bundle
 import monai.bundle.scripts
 import pytest
 import torch
+import yaml
+
+from monai.apps.utils import HashCheckError
+from monai.bundle import ConfigWorkflow, verify_metadata
 
 from medssl import zoo
+from medssl.data.phantoms import LABELS
 from medssl.encoders import SEGMENTATION_PREFIX, build_encoder, build_segmentation_network
 
 IMG = {"vit": 32, "swin": 64, "cnn": 32}  # UNETR needs multiples of 16; Swin downsamples 32x
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+BUNDLE_NAMES = ("hiend_mae", "maesil", "frepa", "seg_finetune")
+SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 def pretraining_state(kind: str, size: str = "tiny", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -152,19 +162,34 @@ def packable_bundle(root: Path) -> Path:
     return bundle
 
 
+def large_files(archive: Path, name: str) -> list[dict]:
+    return yaml.safe_load(zipfile.ZipFile(archive).read(f"{name}/large_files.yml"))["large_files"]
+
+
 def test_pack_bundle_writes_a_reproducible_zoo_archive(tmp_path):
     bundle = packable_bundle(tmp_path / "src")
     archive, digest = zoo.pack_bundle(bundle, tmp_path / "zoo")
     assert archive.name == "pre_vit_v0.1.0.zip"
     assert sorted(zipfile.ZipFile(archive).namelist()) == [
         "pre_vit/configs/inference.json", "pre_vit/configs/metadata.json", "pre_vit/configs/train.json",
-        "pre_vit/docs/README.md", "pre_vit/models/model.pt",
+        "pre_vit/docs/README.md", "pre_vit/large_files.yml", "pre_vit/models/model.pt",
     ]
     assert digest == zoo.file_sha256(archive)
     assert Path(f"{archive}.sha256").read_text() == f"{digest}  pre_vit_v0.1.0.zip\n"
-    assert zoo.pack_bundle(bundle, tmp_path / "again")[1] == digest  # same contents, same checksum
+    # The weights are published beside the archive and listed with their sha256 and URL.
+    published = tmp_path / "zoo" / "pre_vit_v0.1.0" / "models" / "model.pt"
+    assert published.read_bytes() == (bundle / "models" / "model.pt").read_bytes()
+    assert large_files(archive, "pre_vit") == [{"path": "models/model.pt", "url": published.resolve().as_uri(),
+                                                "hash_val": zoo.file_sha256(published), "hash_type": "sha256"}]
+    hub = "https://example.org/{name}/resolve/{version}"
+    _, first = zoo.pack_bundle(bundle, tmp_path / "one", weights_url=hub)
+    _, second = zoo.pack_bundle(bundle, tmp_path / "two", weights_url=hub)
+    assert first == second  # same contents, same checksum
+    assert large_files(tmp_path / "one" / archive.name, "pre_vit")[0]["url"] == \
+        "https://example.org/pre_vit/resolve/0.1.0/models/model.pt"
     _, without_weights = zoo.pack_bundle(bundle, tmp_path / "light", include_weights=False)
     assert "pre_vit/models/model.pt" not in zipfile.ZipFile(tmp_path / "light" / archive.name).namelist()
+    assert large_files(tmp_path / "light" / archive.name, "pre_vit")[0]["path"] == "models/model.pt"
     assert without_weights != digest
 
 
@@ -255,3 +280,128 @@ def test_maesil_network_weights_load_only_with_unetr_geometry(tmp_path):
     torch.save(model.state_dict(), tmp_path / "paper.pt")
     with pytest.raises(zoo.EncoderMismatchError, match=r"patch_embeddings.weight: pretrained \(192, 1, 8, 8, 8\)"):
         zoo.load_pretrained_encoder(network("vit"), "vit", model_path=tmp_path / "paper.pt")
+
+
+# The model-zoo format of the real bundles: metadata, `python -m medssl.zoo pack`, MONAI's own API.
+
+
+def no_network(monkeypatch) -> None:
+    monkeypatch.setattr("urllib.request.socket.create_connection", lambda *a, **k: pytest.fail("network used"))
+
+
+def copy_of(name: str, root: Path) -> Path:
+    """A bundle of this repository without its run outputs."""
+    return Path(shutil.copytree(BUNDLES / name, root / name, ignore=shutil.ignore_patterns("models", "eval", "data", ".cache", "__pycache__")))
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_bundle_metadata_is_complete_and_its_metrics_are_documented(name):
+    metadata_file = BUNDLES / name / "configs" / "metadata.json"
+    metadata = json.loads(metadata_file.read_text())
+    assert metadata["version"] in metadata["changelog"]
+    assert metadata["required_packages_version"]["medssl"] == importlib.metadata.version("medssl")
+    assert metadata["references"] and all(isinstance(reference, str) and reference for reference in metadata["references"])
+    # Honest metrics: every number is one the bundle's docs report as measured (with its command).
+    docs = (BUNDLES / name / "docs" / "README.md").read_text()
+    assert metadata["eval_metrics"]
+    for key, value in metadata["eval_metrics"].items():
+        assert isinstance(value, (int, float)) and f"{value}" in docs, key
+    listing = yaml.safe_load((BUNDLES / name / "large_files.yml").read_text())["large_files"]
+    assert [(entry["path"], entry["hash_type"]) for entry in listing] == [("models/model.pt", "sha256")]
+    if not SCHEMA.is_file():
+        pytest.skip(f"{SCHEMA} not on this machine: metadata not checked against the MONAI schema")
+    verify_metadata(meta_file=str(metadata_file), filepath=str(SCHEMA))
+
+
+def test_zoo_cli_packs_bundles_that_monai_downloads_and_loads_offline(tmp_path, monkeypatch, capsys):
+    seg = copy_of("seg_finetune", tmp_path / "src")
+    (seg / "models").mkdir()
+    torch.manual_seed(0)
+    trained = build_segmentation_network("vit", "tiny", len(LABELS), [32, 32, 32]).state_dict()
+    torch.save(trained, seg / "models" / "model.pt")
+    untrained = copy_of("frepa", tmp_path / "src")
+    schema = ["--schema", str(SCHEMA)] if SCHEMA.is_file() else []
+    assert zoo.main(["pack", "--bundles", str(seg), str(untrained), "--out", str(tmp_path / "zoo"), *schema]) == 0
+
+    version = {name: json.loads((tmp_path / "src" / name / "configs" / "metadata.json").read_text())["version"]
+               for name in ("seg_finetune", "frepa")}
+    archive = tmp_path / "zoo" / f"seg_finetune_v{version['seg_finetune']}.zip"
+    light = tmp_path / "zoo" / f"frepa_v{version['frepa']}.zip"
+    assert capsys.readouterr().out.splitlines() == [
+        f"{archive}  sha256 {zoo.file_sha256(archive)}", f"{light}  sha256 {zoo.file_sha256(light)}",
+    ]
+    assert "seg_finetune/models/model.pt" in zipfile.ZipFile(archive).namelist()
+    assert large_files(archive, "seg_finetune")[0]["hash_val"] == zoo.file_sha256(seg / "models" / "model.pt")
+    assert not [m for m in zipfile.ZipFile(light).namelist() if "/models/" in m]  # untrained: no weights,
+    assert large_files(light, "frepa")[0]["hash_val"] == ""  # and the bundle's unpublished listing
+
+    no_network(monkeypatch)
+    hub = tmp_path / "hub"
+    monai.bundle.download(name="seg_finetune", bundle_dir=str(hub), url=archive.as_uri(), progress=False)
+    network = monai.bundle.load(name="seg_finetune", bundle_dir=str(hub), device="cpu", progress=False,
+                                net_override={"size": "tiny", "img_size": [32, 32, 32]})
+    assert set(network.state_dict()) == set(trained)
+    for key, value in network.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    # Weights missing from a bundle come back from the zoo through large_files.yml, hash checked.
+    assert zoo.verify_large_files(hub / "seg_finetune") == ["models/model.pt"]
+    (hub / "seg_finetune" / "models" / "model.pt").unlink()
+    monai.bundle.download_large_files(bundle_path=str(hub / "seg_finetune"))
+    assert (hub / "seg_finetune" / "models" / "model.pt").read_bytes() == (seg / "models" / "model.pt").read_bytes()
+
+
+def test_zoo_cli_refuses_metadata_that_fails_the_schema(tmp_path, capsys):
+    if not SCHEMA.is_file():
+        pytest.skip(f"{SCHEMA} not on this machine")
+    bundle = copy_of("hiend_mae", tmp_path / "src")
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    del metadata["required_packages_version"]
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit) as caught:
+        zoo.main(["pack", "--bundles", str(bundle), "--out", str(tmp_path / "zoo"), "--schema", str(SCHEMA)])
+    assert caught.value.code == 1
+    assert f"{bundle}: 'required_packages_version' is a required property" in capsys.readouterr().err
+    assert not (tmp_path / "zoo").exists()
+
+
+def test_seg_finetune_names_the_zoo_as_its_pretrained_source(tmp_path, monkeypatch, caplog):
+    state = pretraining_state("vit")
+    zoo.main(["pack", "--bundles", str(make_bundle(tmp_path / "src", "hiend_mae", state)), "--out", str(tmp_path / "zoo")])
+    archive = tmp_path / "zoo" / "hiend_mae_v0.1.0.zip"
+    digest = Path(f"{archive}.sha256").read_text().split()[0]
+    no_network(monkeypatch)
+    workflow = ConfigWorkflow(
+        config_file=str(BUNDLES / "seg_finetune" / "configs" / "train.json"), workflow_type="train", logging_file=False,
+        bundle_root=str(BUNDLES / "seg_finetune"), network_kind="vit", encoder_size="tiny", roi_size=[32, 32, 32],
+        **{"pretrained#url": archive.as_uri(), "pretrained#sha256": digest, "pretrained#bundle_dir": str(tmp_path / "cache")},
+    )
+    workflow.initialize()
+    with caplog.at_level(logging.INFO, logger="medssl.zoo"):
+        net = workflow.parser.get_parsed_content("network")
+    assert "copied 173 of 173 vit encoder tensors" in caplog.text
+    torch.testing.assert_close(net.vit.patch_embedding.patch_embeddings.weight.cpu(),
+                               state["encoder.patch_embedding.patch_embeddings.weight"], rtol=0, atol=0)
+
+
+def test_tampered_weight_file_is_refused(tmp_path):
+    archive, _ = zoo.pack_bundle(make_bundle(tmp_path / "src", "pre_cnn", pretraining_state("cnn")), tmp_path / "zoo")
+    hub = tmp_path / "hub"
+    monai.bundle.download(name="pre_cnn", bundle_dir=str(hub), url=archive.as_uri(), progress=False)
+    weights = hub / "pre_cnn" / "models" / "model.pt"
+    flip_a_byte(weights)
+    with pytest.raises(zoo.ArchiveIntegrityError, match=r"model.pt does not have the sha256 \w+ that .*large_files.yml lists"):
+        zoo.load_pretrained_encoder(network("cnn"), "cnn", bundle_name="pre_cnn", bundle_dir=hub)
+    with pytest.raises(HashCheckError, match="hash check of existing file failed"):
+        monai.bundle.download_large_files(bundle_path=str(hub / "pre_cnn"))
+    # A tampered copy in the zoo is refused on download too, and never lands in the bundle.
+    weights.unlink()
+    flip_a_byte(tmp_path / "zoo" / "pre_cnn_v0.1.0" / "models" / "model.pt")
+    with pytest.raises(HashCheckError, match="corrupted or tampered"):
+        monai.bundle.download_large_files(bundle_path=str(hub / "pre_cnn"))
+    assert not weights.exists()

@@ -9,18 +9,28 @@ than every encoder tensor, or any shape mismatch, is an :class:`EncoderMismatchE
 the offending keys (MONAI's ``copy_model_state`` alone skips mismatches silently).
 
 Archives: :func:`pack_bundle` writes ``<name>_v<version>.zip`` (one top-level ``<name>/``
-folder, as ``monai.bundle.download(url=...)`` expects) and its sha256; :func:`verify_archive`
-refuses an archive whose sha256 differs or whose members would land outside that folder.
+folder, as ``monai.bundle.download(url=...)`` expects) and its sha256, publishes the weights
+beside it and lists them, with their sha256, in the archive's ``large_files.yml`` (so MONAI's
+``download_large_files`` fetches and checks them); :func:`verify_archive` refuses an archive whose
+sha256 differs or whose members would land outside that folder; :func:`verify_large_files`
+refuses weights whose sha256 differs from the one ``large_files.yml`` lists.
+
+Command line (``make zoo``)::
+
+    python -m medssl.zoo pack --bundles bundles/hiend_mae bundles/seg_finetune --out zoo \
+        [--schema meta_schema_20240725.json] [--weights-url https://host/path/] [--no-weights]
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
 import stat
+import sys
 import warnings
 import zipfile
 import zlib
@@ -30,9 +40,11 @@ from urllib.parse import unquote, urlparse
 
 import torch
 import torch.nn as nn
-from monai.apps.utils import download_url
+import yaml
+from monai.apps.utils import check_hash, download_url
 from monai.bundle import download as bundle_download
 from monai.bundle import load as bundle_load
+from monai.bundle import verify_metadata
 
 from medssl.encoders import SEGMENTATION_PREFIX
 
@@ -47,7 +59,9 @@ __all__ = [
     "load_pretrained_encoder",
     "pack_bundle",
     "verify_archive",
+    "verify_large_files",
     "file_sha256",
+    "main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,7 +79,8 @@ ENCODER_SUBMODULES: dict[str, tuple[str, ...]] = {
 # Folders never packed into an archive: caches, run outputs and local data.
 PACK_SKIPPED_FOLDERS = frozenset({"__pycache__", "eval", "data", ".cache", ".pytest_cache"})
 # The only files of models/ an archive carries: the weights and their TorchScript export.
-PACKED_WEIGHT_FILES = frozenset({"model.pt", "model.ts"})
+PACKED_WEIGHT_FILES = ("model.pt", "model.ts")
+LARGE_FILES_NAME = "large_files.yml"
 # Fixed member timestamps make the archive (and its sha256) depend on the contents only.
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -216,6 +231,44 @@ def verify_archive(archive: str | os.PathLike, sha256: str) -> str:
     return top_levels.pop()
 
 
+def verify_large_files(bundle_root: str | os.PathLike, paths: list[str] | None = None) -> list[str]:
+    """Check a bundle's weight files against the hashes its ``large_files.yml`` lists.
+
+    Args:
+        bundle_root: the bundle folder.
+        paths: bundle-relative paths to check (e.g. ``["models/model.pt"]``); None checks every
+            listed file.
+
+    Returns:
+        the paths whose hash was checked and matched. Entries without a ``hash_val`` (an
+        unpublished bundle), files not present and a bundle without ``large_files.yml`` are not
+        checked: there is nothing to compare with.
+
+    Raises:
+        ArchiveIntegrityError: a present file whose hash differs from the listed one.
+    """
+    bundle_root = Path(bundle_root)
+    listing = bundle_root / LARGE_FILES_NAME
+    if not listing.is_file():
+        return []
+    entries = (yaml.safe_load(listing.read_text()) or {}).get("large_files") or []
+    checked = []
+    for entry in entries:
+        relative = PurePosixPath(str(entry.get("path", "")))
+        hash_val, hash_type = str(entry.get("hash_val") or ""), str(entry.get("hash_type") or "sha256")
+        file = bundle_root / relative
+        if not hash_val or (paths is not None and relative.as_posix() not in paths) or not file.is_file():
+            continue
+        if not check_hash(file, hash_val, hash_type):
+            raise ArchiveIntegrityError(
+                f"{file} does not have the {hash_type} {hash_val} that {listing} lists: the weights were changed or "
+                f"corrupted after packing. Do not use them: delete {file} and run `python -m monai.bundle "
+                f"download_large_files --bundle_path {bundle_root}` (or extract the zoo archive again)."
+            )
+        checked.append(relative.as_posix())
+    return checked
+
+
 def _check_extracted_matches(archive: Path, bundle_root: Path, model_file: str) -> None:
     """monai.bundle.download keeps an existing folder: make sure it is this archive's bundle."""
     name = bundle_root.name
@@ -292,8 +345,12 @@ def read_pretrained_state(
         bundle_name = name
 
     local = bundle_dir / bundle_name / model_file
-    if not local.is_file():
+    model_key = PurePosixPath(model_file).as_posix()
+    downloading = not local.is_file()
+    if downloading:
         logger.info("%s is not there: downloading bundle %r from %s", local, bundle_name, source)
+    else:
+        verify_large_files(bundle_dir / bundle_name, [model_key])
     receiver = _StateDictReceiver()
     try:
         bundle_load(
@@ -316,6 +373,8 @@ def read_pretrained_state(
             f"({type(error).__name__}: {error}). Put the bundle folder in {bundle_dir} (pretrained#bundle_dir), "
             "or name a zoo archive with pretrained#url and pretrained#sha256."
         ) from error
+    if downloading:
+        verify_large_files(bundle_dir / bundle_name, [model_key])
     return receiver.received, str(local)
 
 
@@ -427,12 +486,21 @@ def _packed_files(bundle_dir: Path, include_weights: bool) -> list[Path]:
         if relative.parts[0] == "models" and (not include_weights or relative.as_posix() not in
                                               {f"models/{name}" for name in PACKED_WEIGHT_FILES}):
             continue
+        if relative.as_posix() == LARGE_FILES_NAME:  # pack_bundle writes the archive's own
+            continue
         files.append(path)
     return files
 
 
+def _large_files_listing(entries: list[dict[str, str]]) -> bytes:
+    return yaml.safe_dump({"large_files": entries}, sort_keys=False).encode()
+
+
 def pack_bundle(
-    bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, include_weights: bool = True
+    bundle_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    include_weights: bool = True,
+    weights_url: str | None = None,
 ) -> tuple[Path, str]:
     """Write a zoo archive of a bundle folder and return (archive path, sha256).
 
@@ -442,6 +510,15 @@ def pack_bundle(
     and from ``models/`` carries only ``model.pt`` / ``model.ts`` (none with
     ``include_weights=False``). Member timestamps are fixed, so the same contents give the same
     sha256, which is also written to ``<archive>.sha256`` (``sha256sum -c`` format).
+
+    Weights: each of ``models/model.pt`` / ``models/model.ts`` that exists is also published
+    beside the archive, in ``out_dir/<name>_v<version>/models/``, and listed in the archive's
+    ``large_files.yml`` with its sha256 and its URL, ``weights_url`` + ``models/<file>``.
+    ``weights_url`` is the URL of the folder that will hold the bundle's ``models/`` (``{name}``
+    and ``{version}`` are filled in): by default the ``file://`` URL of
+    ``out_dir/<name>_v<version>/``; for a hub, where the bundle folder is uploaded, e.g.
+    ``https://huggingface.co/ORG/{name}/resolve/{version}/``. A bundle with no weights keeps its
+    own ``large_files.yml``.
     """
     bundle_dir = Path(bundle_dir).resolve()
     metadata_file = bundle_dir / "configs" / "metadata.json"
@@ -451,22 +528,92 @@ def pack_bundle(
     if not version:
         raise ValueError(f"{metadata_file} has no 'version'; add one before packing")
     name = bundle_dir.name
-    files = _packed_files(bundle_dir, include_weights)
-    if include_weights and not any(f.parent.name == "models" and f.name == "model.pt" for f in files):
+    weights = [bundle_dir / "models" / file for file in PACKED_WEIGHT_FILES if (bundle_dir / "models" / file).is_file()]
+    if include_weights and bundle_dir / "models" / "model.pt" not in weights:
         raise FileNotFoundError(
             f"{bundle_dir / 'models' / 'model.pt'} does not exist: train the bundle first or pack with include_weights=False"
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    published_root = out_dir / f"{name}_v{version}"
+    base_url = weights_url.format(name=name, version=version) if weights_url else published_root.resolve().as_uri()
+    base_url = base_url.rstrip("/") + "/"
+    listed = []
+    for weight in weights:
+        published = published_root / "models" / weight.name
+        published.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weight, published)
+        listed.append({"path": f"models/{weight.name}", "url": f"{base_url}models/{weight.name}",
+                       "hash_val": file_sha256(published), "hash_type": "sha256"})
+        logger.info("published %s as %s (sha256 %s)", weight, listed[-1]["url"], listed[-1]["hash_val"])
+    own_listing = bundle_dir / LARGE_FILES_NAME
+    members: dict[str, Path | bytes] = {
+        f"{name}/{path.relative_to(bundle_dir).as_posix()}": path for path in _packed_files(bundle_dir, include_weights)
+    }
+    if listed:
+        members[f"{name}/{LARGE_FILES_NAME}"] = _large_files_listing(listed)
+    elif own_listing.is_file():
+        members[f"{name}/{LARGE_FILES_NAME}"] = own_listing
     archive = out_dir / f"{name}_v{version}.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for path in files:
-            info = zipfile.ZipInfo(f"{name}/{path.relative_to(bundle_dir).as_posix()}", date_time=ZIP_EPOCH)
+        for member in sorted(members):
+            info = zipfile.ZipInfo(member, date_time=ZIP_EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = (stat.S_IFREG | 0o644) << 16
-            with open(path, "rb") as src, zf.open(info, "w") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+            content = members[member]
+            with zf.open(info, "w") as dst:
+                if isinstance(content, bytes):
+                    dst.write(content)
+                else:
+                    with open(content, "rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 20)
     digest = file_sha256(archive)
     Path(f"{archive}.sha256").write_text(f"{digest}  {archive.name}\n")
-    logger.info("packed %d files of %s into %s (sha256 %s)", len(files), bundle_dir, archive, digest)
+    logger.info("packed %d files of %s into %s (sha256 %s)", len(members), bundle_dir, archive, digest)
     return archive, digest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m medssl.zoo pack --bundles DIR [DIR ...] --out ZOO``: see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m medssl.zoo", description="Model-zoo archives of MONAI bundles.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pack = commands.add_parser(
+        "pack", help="write each bundle as ZOO/<name>_v<version>.zip (+ .sha256) and publish its weights beside it"
+    )
+    pack.add_argument("--bundles", nargs="+", type=Path, required=True, help="bundle folders")
+    pack.add_argument("--out", type=Path, required=True, help="the zoo folder")
+    pack.add_argument(
+        "--schema", type=Path, default=None,
+        help="metadata schema file (meta_schema_20240725.json): each metadata.json is checked with "
+        "monai.bundle.verify_metadata first; without it the check is skipped (MONAI would download the schema)",
+    )
+    pack.add_argument("--weights-url", default=None,
+                      help="URL of the folder that will hold each bundle's models/, {name} and {version} filled in "
+                      "(default: file:// URL of OUT/<name>_v<version>/)")
+    pack.add_argument("--no-weights", action="store_true",
+                      help="leave the weights out of the archives; they are still published beside them")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.schema is not None and not args.schema.is_file():
+        parser.error(f"--schema {args.schema} does not exist")
+    if args.schema is None:
+        logger.warning("no --schema given: metadata.json files are not checked against the MONAI schema")
+    for bundle in args.bundles:
+        metadata_file = bundle / "configs" / "metadata.json"
+        try:
+            if args.schema is not None:
+                verify_metadata(meta_file=str(metadata_file), filepath=str(args.schema))
+            trained = (bundle / "models" / "model.pt").is_file()
+            if not trained:
+                logger.info("%s has no models/model.pt: its archive carries no weights (train the bundle first)", bundle)
+            archive, digest = pack_bundle(bundle, args.out, include_weights=trained and not args.no_weights,
+                                          weights_url=args.weights_url)
+        except (FileNotFoundError, ValueError) as error:
+            parser.exit(1, f"medssl.zoo pack: {bundle}: {error}\n")
+        print(f"{archive}  sha256 {digest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
