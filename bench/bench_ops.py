@@ -1,7 +1,7 @@
 """Time medssl's batched corruption and loss ops against plain per-sample Python-loop references.
 
     python bench/bench_ops.py --device cpu --out bench/results/ops.json          # 8 x 1 x 96^3
-    python bench/bench_ops.py --batch 2 --size 32 --out bench/results/ops_small.json   # quick check
+    python bench/bench_ops.py --batch 2 --size 32 --no-step --out bench/results/ops_small.json   # quick check
 
 Each op is timed as the median of ``--repeats`` runs after ``--warmup`` runs (CUDA is
 synchronised around every run). On a CPU shared with other jobs, ``--threads 1`` gives far
@@ -39,6 +39,8 @@ from medssl.frequency import (
     spectral_patch_mask,
 )
 from medssl.losses import FrepaLoss
+
+from bench_pretrain_step import PRESETS, build, make_step  # bench/ is on sys.path when run as a script
 
 OpFn = Callable[[torch.Tensor, torch.Generator, argparse.Namespace], object]
 
@@ -236,6 +238,16 @@ def median_ms(fn: OpFn, x: torch.Tensor, config: argparse.Namespace) -> float:
     return statistics.median(times)
 
 
+def pretraining_step_ms(x: torch.Tensor, config: argparse.Namespace) -> float:
+    """Median ms of one Hi-End-MAE ViT-B/16 training step on x (the batch the corruption is timed on)."""
+    if x.shape[1] != 1 or x.shape[2] % 16:
+        raise ValueError(f"the ViT-B/16 step needs 1 channel and a multiple of 16 voxels, got {tuple(x.shape)}")
+    torch.manual_seed(0)
+    network = build("hiend_mae", {**PRESETS["paper"], "img": x.shape[2]}).to(x.device)
+    step = make_step("hiend_mae", network, x)
+    return median_ms(lambda *_: step(), x, config)
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu_count": os.cpu_count(),
@@ -264,6 +276,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ops", nargs="*", choices=sorted(BENCHMARKS), help="subset of ops (default: all)")
     parser.add_argument("--no-loop", action="store_true", help="skip the per-sample references")
+    parser.add_argument("--no-step", action="store_true", help="skip the ViT-B/16 pretraining-step reference")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/ops.json"))
     return parser.parse_args(argv)
@@ -276,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(config.threads)
     shape = (config.batch, config.channels, *[config.size] * 3)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    step_ms = None if config.no_step else pretraining_step_ms(x, config)
+    if step_ms is not None:
+        print(f"{'ViT-B/16 pretraining step':28s} {step_ms:10.1f} ms (Hi-End-MAE, fwd + bwd + AdamW)", flush=True)
     results = {}
     for name in config.ops or BENCHMARKS:
         bench = BENCHMARKS[name]
@@ -283,9 +299,12 @@ def main(argv: list[str] | None = None) -> dict:
         if bench.loop is not None and not config.no_loop:
             entry["loop_ms"] = median_ms(bench.loop, x, config)
             entry["speedup"] = entry["loop_ms"] / entry["batched_ms"]
+        if step_ms is not None:
+            entry["fraction_of_step"] = entry["batched_ms"] / step_ms
         results[name] = entry
         loop = f"{entry['loop_ms']:10.1f} ms loop  x{entry['speedup']:.1f}" if "loop_ms" in entry else ""
-        print(f"{name:28s} {entry['batched_ms']:10.1f} ms batched {loop}", flush=True)
+        share = f"  {100 * entry['fraction_of_step']:5.1f}% of a step" if step_ms is not None else ""
+        print(f"{name:28s} {entry['batched_ms']:10.1f} ms batched {loop}{share}", flush=True)
     report = {
         "command": " ".join(["python", *sys.argv]),
         "machine": machine_info(device),
@@ -297,6 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": config.repeats,
             "statistic": "median wall-clock ms",
         },
+        "vit_b16_step_ms": step_ms,
         "ops": results,
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
