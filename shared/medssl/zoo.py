@@ -438,7 +438,7 @@ def copy_encoder_weights(
         if strict:
             raise EncoderMismatchError(
                 f"{message}\nThe encoder kind/size/img_size of this network must match the pretraining bundle's "
-                "(network_kind, encoder_size, roi_size); set pretrained#strict false only to copy what fits on purpose.",
+                "(network_kind, encoder_size, encoder_args, roi_size); set pretrained#strict false only to copy what fits on purpose.",
                 report,
             )
         logger.warning(message)
