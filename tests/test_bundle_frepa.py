@@ -139,3 +139,16 @@ def test_metadata_is_valid_against_the_official_schema():
     verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
     metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
     assert "medssl" in metadata["required_packages_version"]
+
+
+def test_training_data_cache_holds_the_deterministic_preprocessing(tmp_path):
+    from monai.data import CacheDataset
+    from monai.transforms import Compose
+
+    flow = workflow(tmp_path, **(TINY | {"cache": "cache"}))
+    flow.initialize()
+    dataset = flow.parser.get_parsed_content("train#dataset")
+    assert isinstance(dataset, CacheDataset)
+    # A nested Compose would count as one random transform and CacheDataset would cache nothing.
+    assert not any(isinstance(t, Compose) for t in dataset.transform.transforms)
+    assert dataset._cache and dataset._cache[0]["image"].ndim == 4  # loaded, oriented, resampled scan
