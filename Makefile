@@ -46,6 +46,21 @@ test-monailabel: $(MONAILABEL_VENV)/.installed
 demo: venv
 	$(BIN)/python -m medssl.demo
 
+# `make bench`: every benchmark with small repeat counts (about 20 minutes on 2 quiet CPU cores), results in
+# bench/results/*.json, then docs/benchmarks.md. Frepa's Swin and CNN networks take minutes per step at paper
+# size on a CPU: add them on a GPU with BENCH_PAPER_NETWORKS="hiend_mae maesil frepa_vit frepa_swin frepa_cnn".
+BENCH_PAPER_NETWORKS ?= hiend_mae maesil frepa_vit
+
+bench: venv
+	$(BIN)/python bench/bench_pretrain_step.py --preset demo --warmup 1 --steps 2 --out bench/results/pretrain_step_demo.json
+	$(BIN)/python bench/bench_pretrain_step.py --preset paper --networks $(BENCH_PAPER_NETWORKS) --warmup 1 --steps 2 --out bench/results/pretrain_step_paper.json
+	$(BIN)/python bench/bench_data.py --preset demo --out bench/results/data_demo.json
+	$(BIN)/python bench/bench_data.py --preset paper --batch-size 2 --out bench/results/data_paper.json
+	$(BIN)/python bench/bench_inference.py --preset paper --warmup 0 --repeats 1 --out bench/results/inference_paper.json
+	$(BIN)/python bench/bench_ops.py --warmup 1 --repeats 3 --out bench/results/ops.json
+	$(BIN)/python bench/bench_maesil.py --steps 1 --out bench/results/maesil.json
+	$(BIN)/python bench/report.py
+
 zoo: venv
 	$(BIN)/python -m medssl.zoo pack --bundles $(ZOO_BUNDLES) --out $(ZOO) $(if $(wildcard $(SCHEMA)),--schema $(SCHEMA))
 

@@ -1,14 +1,35 @@
-"""Pretraining-step benchmark: our Hi-End-MAE beside MONAI's MaskedAutoEncoderViT.
+"""Pretraining-step benchmark of every pretraining bundle's network, beside MONAI's MaskedAutoEncoderViT.
 
-Per network: median training-step time (forward + backward + AdamW) after warm-up, alternating
-the networks step by step in one process so both see the same machine state; FLOPs of a step
-(torch's FlopCounterMode, with CPU scaled_dot_product_attention mapped to torch's SDPA
-formulas, which it otherwise counts as zero); achieved FLOP/s divided by the fp32 GEMM rate
-measured in the same run (model FLOPs utilisation); peak memory (RSS of a fresh child process on
-CPU, max allocated on GPU).
+Each network is built by MONAI's ConfigParser from its bundle's configs, so the benchmark follows
+the bundles: preset "paper" reads configs/train.json, "demo" train.json + demo.json (NETWORKS):
+
+- hiend_mae: Hi-End-MAE (ViT-B/16 at 96^3 in the paper preset). Reference: MONAI's MAE with the
+  same encoder, patch, mask ratio, decoder width and heads, and MONAI's 4 decoder blocks.
+- maesil: MAESIL on one superpatch (128^3, patch 8: 4096 tokens, the dual mask keeps 1024).
+  Reference: MONAI's MAE at the same token count, patch, encoder and decoder; it masks tokens at
+  random with the ratio that keeps the same number visible, (1 - plane) * (1 - depth).
+- frepa_vit / frepa_swin / frepa_cnn: Frepa's restoration network with each encoder at 96^3:
+  corruption, dense encoding of the corrupted batch and of both frequency views (embedding
+  consistency), convolutional decoder, FrepaLoss. MONAI has no such network: no reference, no ratio.
+
+A training step is what the bundle's trainer does per iteration on a fixed batch of --batch
+crops: forward (bf16 autocast on CUDA), backward, gradient clipping where the bundle clips
+(MAESIL), and the bundle's optimizer step. Measured per network:
+- median step time after warm-up, the (ours, reference) pair alternating step by step in one
+  process so that both see the same machine state; samples/s = batch / median;
+- FLOPs of one forward + backward (torch's FlopCounterMode, which counts matrix products,
+  convolutions and attention only: FFTs, normalisations, interpolation and elementwise ops count
+  0, so Frepa's FFT-based corruption and loss add time but no FLOPs; CPU
+  scaled_dot_product_attention, which it counts as 0, is mapped to torch's SDPA formulas);
+- model FLOPs utilisation: achieved FLOP/s over the GEMM rate measured in the same run, in the
+  step's dtype (fp32 on CPU, bf16 on CUDA), and over --peak-tflops when given;
+- peak memory of a fresh child process that builds the network and runs two steps: its peak RSS
+  on CPU, torch.cuda.max_memory_allocated on CUDA.
 
     python bench/bench_pretrain_step.py --preset paper --out bench/results/pretrain_step_paper.json
-    python bench/bench_pretrain_step.py --preset demo --out bench/results/pretrain_step_demo.json
+    python bench/bench_pretrain_step.py --preset demo --networks hiend_mae maesil --steps 3
+    python bench/bench_pretrain_step.py --device cuda --compile --peak-tflops 989 \
+        --out bench/results/pretrain_step_paper_cuda.json
 """
 
 from __future__ import annotations
@@ -22,52 +43,241 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.nn as nn
+from monai.bundle import ConfigParser
 from monai.networks.nets import MaskedAutoEncoderViT
+from monai.utils.module import instantiate
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from medssl.encoders import ENCODER_SIZES
 from medssl.losses import masked_mse
 from medssl.masking import patchify
-from medssl.models.hiend_mae import HiEndMAE
 
-PRESETS = {
-    # ViT-B/16 at 96^3, decoder 384 wide (Hi-End-MAE base; MONAI's MAE with 4 decoder blocks).
-    "paper": dict(img=96, encoder="base", width=768, mlp=3072, heads=12, decoder=384, decoder_heads=12),
-    "demo": dict(img=64, encoder="tiny", width=192, mlp=768, heads=3, decoder=192, decoder_heads=6),
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+# Which bundle configs make a preset, merged in order. A preset may also carry "img", a crop edge
+# replacing the bundle's (bench_ops.py times its ViT-B/16 step at the size of its own batch).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"configs": ("train.json",)},
+    "demo": {"configs": ("train.json", "demo.json")},
 }
 
 
-def build(name: str, preset: dict) -> torch.nn.Module:
-    if name == "hiend_mae":
-        return HiEndMAE(img_size=preset["img"], encoder_size=preset["encoder"],
-                        decoder_hidden_size=preset["decoder"], decoder_num_heads=preset["decoder_heads"])
+def bundle_config(bundle: str, preset: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> ConfigParser:
+    """The bundle's configs of ``preset`` merged, then ``overrides`` (config id -> value) applied."""
+    files = [BUNDLES / bundle / "configs" / name for name in preset["configs"]]
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle config {missing} not found: run the benchmark from a checkout with bundles/")
+    parser = ConfigParser()
+    parser.read_config([str(path) for path in files])
+    parser.update(dict(overrides or {}))
+    return parser
+
+
+def _vit_settings(parser: ConfigParser, overrides: Mapping[str, str]) -> dict[str, Any]:
+    """The bundle's ViT preset with its config overrides (encoder setting -> config id)."""
+    settings = dict(ENCODER_SIZES["vit"][parser.get_parsed_content("encoder_size")])
+    settings.update({key: parser.get_parsed_content(config_id) for key, config_id in overrides.items()})
+    return settings
+
+
+def _monai_mae(vit: Mapping[str, Any], img_size: Sequence[int], decoder: Mapping[str, int], mask_ratio: float):
     return MaskedAutoEncoderViT(
-        1, preset["img"], 16, hidden_size=preset["width"], mlp_dim=preset["mlp"], num_heads=preset["heads"],
-        masking_ratio=0.75, decoder_hidden_size=preset["decoder"], decoder_mlp_dim=4 * preset["decoder"],
-        decoder_num_layers=4, decoder_num_heads=preset["decoder_heads"], qkv_bias=True,
+        1,
+        img_size,
+        vit["patch_size"],
+        hidden_size=vit["hidden_size"],
+        mlp_dim=vit["mlp_dim"],
+        num_layers=vit["num_layers"],
+        num_heads=vit["num_heads"],
+        masking_ratio=mask_ratio,
+        decoder_hidden_size=decoder["hidden_size"],
+        decoder_mlp_dim=4 * decoder["hidden_size"],  # both methods' decoders have MLP ratio 4
+        decoder_num_layers=decoder["num_layers"],
+        decoder_num_heads=decoder["num_heads"],
+        qkv_bias=True,
     )
 
 
-def loss_of(name: str, network: torch.nn.Module, image: torch.Tensor) -> torch.Tensor:
-    if name == "hiend_mae":
-        return network(image)["loss"]
-    pred, mask = network(image)
-    return masked_mse(pred, patchify(image, 16), mask, norm_pix=True)
+def hiend_mae_reference(parser: ConfigParser) -> MaskedAutoEncoderViT:
+    """MONAI's MAE at Hi-End-MAE's encoder size, patch, mask ratio and decoder width (4 decoder blocks)."""
+    decoder = {
+        "hidden_size": parser.get_parsed_content("decoder_hidden_size"),
+        "num_layers": 4,
+        "num_heads": parser.get_parsed_content("decoder_num_heads"),
+    }
+    return _monai_mae(
+        _vit_settings(parser, {}),
+        parser.get_parsed_content("roi_size"),
+        decoder,
+        parser.get_parsed_content("mask_ratio"),
+    )
 
 
-def make_step(name: str, network: torch.nn.Module, image: torch.Tensor):
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+def maesil_reference(parser: ConfigParser) -> MaskedAutoEncoderViT:
+    """MONAI's MAE at MAESIL's token grid, encoder and decoder, keeping as many tokens as the dual mask."""
+    vit = _vit_settings(
+        parser, {"patch_size": "patch_size", "num_layers": "encoder_layers", "num_heads": "encoder_heads"}
+    )
+    decoder = {
+        "hidden_size": parser.get_parsed_content("decoder_hidden_size"),
+        "num_layers": parser.get_parsed_content("decoder_layers"),
+        "num_heads": parser.get_parsed_content("decoder_heads"),
+    }
+    kept = (1 - parser.get_parsed_content("plane_mask_ratio")) * (1 - parser.get_parsed_content("depth_mask_ratio"))
+    return _monai_mae(vit, parser.get_parsed_content("superpatch_size"), decoder, 1 - kept)
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(image.device.type, dtype=torch.bfloat16, enabled=image.device.type == "cuda"):
-            loss = loss_of(name, network, image)
+
+def _no_inputs(image: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _all_valid(image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """MAESIL's trainer also passes the crop's valid mask (1 on real voxels, here every voxel)."""
+    return {"valid": torch.ones_like(image)}
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A bundle's pretraining network and, where MONAI has one, the reference network at its size.
+
+    bundle: folder under bundles/. crop_id: config id of the crop the network takes.
+    overrides: config id -> value applied after the preset's configs.
+    reference: builds MONAI's counterpart from the parsed config (None: no reference).
+    inputs: extra keyword inputs the bundle's trainer passes with the image.
+    """
+
+    bundle: str
+    crop_id: str
+    description: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    reference: Callable[[ConfigParser], nn.Module] | None = None
+    inputs: Callable[[torch.Tensor], dict[str, torch.Tensor]] = _no_inputs
+
+
+NETWORKS: dict[str, NetworkSpec] = {
+    "hiend_mae": NetworkSpec(
+        "hiend_mae", "roi_size",
+        "Hi-End-MAE; reference MONAI MAE (4 decoder blocks, embeds all patches before masking)",
+        reference=hiend_mae_reference,
+    ),
+    "maesil": NetworkSpec(
+        "maesil", "superpatch_size",
+        "MAESIL on one superpatch (dual mask); reference MONAI MAE masking at random with the same visible count",
+        reference=maesil_reference, inputs=_all_valid,
+    ),
+    **{
+        f"frepa_{kind}": NetworkSpec(
+            "frepa", "roi_size", f"Frepa, {kind} encoder (no MONAI reference; FFT FLOPs not counted)",
+            overrides={"encoder_kind": kind},
+        )
+        for kind in ("vit", "swin", "cnn")
+    },
+}
+
+
+def network_config(name: str, preset: Mapping[str, Any]) -> ConfigParser:
+    """The parsed bundle config of NETWORKS[name] at ``preset`` (with its "img" crop edge when given)."""
+    if name not in NETWORKS:
+        raise KeyError(f"unknown network '{name}'; choose from {sorted(NETWORKS)}")
+    spec = NETWORKS[name]
+    overrides = dict(spec.overrides)
+    if preset.get("img"):
+        overrides[spec.crop_id] = [int(preset["img"])] * 3
+    return bundle_config(spec.bundle, preset, overrides)
+
+
+def build(name: str, preset: Mapping[str, Any], reference: bool = False) -> nn.Module:
+    """NETWORKS[name] as its bundle's configs build it (``network_def``); ``reference``: MONAI's MAE at its size."""
+    parser = network_config(name, preset)
+    if not reference:
+        return parser.get_parsed_content("network_def")
+    if NETWORKS[name].reference is None:
+        raise ValueError(f"network '{name}' has no MONAI reference")
+    return NETWORKS[name].reference(parser)
+
+
+class TrainingStep:
+    """One trainer iteration of ``network`` on a fixed batch: call it to run a step.
+
+    The optimizer and gradient clipping are the bundle's (``optimizer`` and ``grad_clip_norm`` of
+    its config). MONAI's MAE returns (pred, mask); it gets the bundle's masked MSE (same
+    norm-pixel setting). With ``compile`` the forward + loss runs through torch.compile.
+    """
+
+    def __init__(
+        self, name: str, network: nn.Module, image: torch.Tensor, preset: Mapping[str, Any] = PRESETS["paper"],
+        compile: bool = False,
+    ) -> None:
+        parser = network_config(name, preset)
+        optimizer = parser["optimizer"]
+        settings = {
+            key: parser.get_parsed_content(f"optimizer#{key}") for key in optimizer if key not in ("_target_", "params")
+        }
+        self.optimizer = instantiate(optimizer["_target_"], "default", params=network.parameters(), **settings)
+        self.clip_norm = parser.get("grad_clip_norm")
+        self.network = network
+        self.image = image
+        inputs = NETWORKS[name].inputs(image)
+        if isinstance(network, MaskedAutoEncoderViT):
+            norm_pix = parser.get_parsed_content("network_def#norm_pix_loss")
+
+            def loss(image: torch.Tensor) -> torch.Tensor:
+                pred, mask = network(image)
+                return masked_mse(pred, patchify(image, network.patch_size), mask, norm_pix=norm_pix)
+        else:
+
+            def loss(image: torch.Tensor) -> torch.Tensor:
+                return network(image, **inputs)["loss"]
+
+        self.eager_loss = loss
+        self.loss = torch.compile(loss) if compile else loss
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.image.device.type, dtype=torch.bfloat16, enabled=self.image.device.type == "cuda"):
+            loss = self.loss(self.image)
         loss.backward()
-        optimizer.step()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.clip_norm)
+        self.optimizer.step()
 
-    return step
+    def flops(self) -> int:
+        """FLOPs of one forward + backward (see the module docstring for what is counted)."""
+        aten = torch.ops.aten
+        cpu_sdpa = {  # same argument order as the generic SDPA ops that torch has formulas for
+            aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
+        }
+        counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
+        with counter:
+            self.eager_loss(self.image).backward()
+        self.network.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+
+def make_step(name: str, network: nn.Module, image: torch.Tensor, preset: Mapping[str, Any] = PRESETS["paper"],
+              compile: bool = False) -> TrainingStep:
+    """A :class:`TrainingStep` of ``network`` (ours or its reference) on ``image``."""
+    return TrainingStep(name, network, image, preset, compile)
+
+
+def build_step(name: str, reference: bool, preset: Mapping[str, Any], batch: int, device: torch.device,
+               compile: bool = False) -> TrainingStep:
+    """Build the network (seed 0) and a random batch of crops of its bundle's crop size on ``device``."""
+    torch.manual_seed(0)
+    network = build(name, preset, reference).to(device)
+    crop = network_config(name, preset).get_parsed_content(NETWORKS[name].crop_id)
+    image = torch.rand(batch, 1, *crop, generator=torch.Generator().manual_seed(0)).to(device)
+    return make_step(name, network, image, preset, compile)
 
 
 def _sync(device: torch.device) -> None:
@@ -75,122 +285,200 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_flops(name: str, network: torch.nn.Module, image: torch.Tensor) -> int:
-    aten = torch.ops.aten
-    cpu_sdpa = {  # same argument order as the generic SDPA ops that torch has formulas for
-        aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
-    }
-    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
-    with counter:
-        loss_of(name, network, image).backward()
-    network.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def gemm_rate(device: torch.device, size: int = 2048, repeats: int = 10) -> float:
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def gemm_rate(device: torch.device, dtype: torch.dtype, rounds: int = 10) -> float:
+    """Median FLOP/s of square matrix products: 2048^2 on CPU, 8192^2 (20 per timing) on CUDA."""
+    size, calls = (2048, 1) if device.type == "cpu" else (8192, 20)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     _sync(device)
     times = []
-    for _ in range(repeats):
+    for _ in range(rounds):
         start = time.perf_counter()
-        a @ b
+        for _ in range(calls):
+            a @ b
         _sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    return 2 * size**3 * calls / statistics.median(times)
 
 
-def _peak_rss_child(name: str, preset: dict, batch: int, threads: int, queue) -> None:
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since it started (or exec'd).
+
+    Linux's ru_maxrss is kept across exec, so in a spawned child it starts at the parent's size
+    at fork time; /proc's VmHWM belongs to the new process image only.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_memory_child(name, reference, preset, batch, device, threads, compile, queue) -> None:
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    network = build(name, preset)
-    step = make_step(name, network, torch.rand(batch, 1, *(preset["img"],) * 3))
-    for _ in range(2):
-        step()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-def peak_memory(name: str, preset: dict, batch: int, device: torch.device, threads: int) -> int:
+    before = peak_rss_bytes()
+    device = torch.device(device)
+    step = build_step(name, reference, preset, batch, device, compile)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        network = build(name, preset).to(device)
-        step = make_step(name, network, torch.rand(batch, 1, *(preset["img"],) * 3, device=device))
-        for _ in range(2):
-            step()
-        return torch.cuda.max_memory_allocated(device)
+    for _ in range(2):  # the first step creates the gradients and the optimizer state
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        queue.put({"kind": "torch.cuda.max_memory_allocated, fresh process",
+                   "peak_bytes": torch.cuda.max_memory_allocated(device)})
+    else:
+        queue.put({"kind": "peak RSS (VmHWM) of a fresh process", "before_build_bytes": before,
+                   "peak_bytes": peak_rss_bytes()})
+
+
+def peak_memory(name: str, reference: bool, preset: Mapping[str, Any], batch: int, device: torch.device,
+                threads: int, compile: bool) -> dict:
+    """Peak memory of two training steps in a fresh process (see the module docstring)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_peak_rss_child, args=(name, preset, batch, threads, queue))
+    child = context.Process(target=_peak_memory_child,
+                            args=(name, reference, dict(preset), batch, str(device), threads, compile, queue))
     child.start()
-    value = queue.get()
+    result = queue.get()
     child.join()
-    return value
+    return result
 
 
-def main() -> None:
+def time_alternating(steps: dict[str, TrainingStep], warmup: int, repeats: int, device: torch.device) -> dict:
+    """Step times in seconds per role, the roles' steps alternating so both see the same machine state."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    _sync(device)
+    times: dict[str, list[float]] = {role: [] for role in steps}
+    for _ in range(repeats):
+        for role, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[role].append(time.perf_counter() - start)
+    return times
+
+
+def time_network(name: str, roles: Mapping[str, bool], args: argparse.Namespace, device: torch.device,
+                 gemm: float) -> dict:
+    """Step time, throughput and FLOPs of NETWORKS[name] and its reference, timed alternating."""
+    preset = PRESETS[args.preset]
+    steps = {role: build_step(name, reference, preset, args.batch, device, args.compile)
+             for role, reference in roles.items()}
+    flops = {role: step.flops() for role, step in steps.items()}
+    times = time_alternating(steps, args.warmup, args.steps, device)
+    entry: dict[str, Any] = {
+        "bundle": NETWORKS[name].bundle,
+        "description": NETWORKS[name].description,
+        "input_shape": list(steps["ours"].image.shape),
+    }
+    for role, step in steps.items():
+        median = statistics.median(times[role])
+        entry[role] = {
+            "network": f"{type(step.network).__module__}.{type(step.network).__name__}",
+            "parameters": sum(p.numel() for p in step.network.parameters()),
+            "step_s_median": median,
+            "step_s": times[role],
+            "samples_per_s": args.batch / median,
+            "step_gflop": flops[role] / 1e9,
+            "achieved_gflop_s": flops[role] / median / 1e9,
+            "mfu_vs_gemm": flops[role] / median / gemm,
+            "mfu_vs_peak": flops[role] / median / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+        }
+    if "reference" in steps:
+        entry["reference"]["mask_ratio"] = steps["reference"].network.masking_ratio
+        entry["time_ratio_ours_over_reference"] = entry["ours"]["step_s_median"] / entry["reference"]["step_s_median"]
+    return entry
+
+
+def benchmark_network(name: str, args: argparse.Namespace, device: torch.device, gemm: float) -> dict:
+    """Every measurement of NETWORKS[name] and its reference; memory after this process freed the pair."""
+    roles = {"ours": False} | ({"reference": True} if NETWORKS[name].reference is not None else {})
+    entry = time_network(name, roles, args, device, gemm)
+    for role, reference in roles.items():
+        entry[role]["peak_memory"] = peak_memory(
+            name, reference, PRESETS[args.preset], args.batch, device, args.threads, args.compile
+        )
+    return entry
+
+
+def machine_info(device: torch.device, threads: int) -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--networks", nargs="+", choices=sorted(NETWORKS), default=list(NETWORKS))
+    parser.add_argument("--batch", type=int, default=2, help="crops per step")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per network")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's datasheet peak in the step's dtype, for MFU against it")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    preset = PRESETS[args.preset]
-    image = torch.rand(args.batch, 1, *(preset["img"],) * 3, device=device)
-    names = ["hiend_mae", "monai_mae"]
-
-    torch.manual_seed(0)
-    networks = {name: build(name, preset).to(device) for name in names}
-    flops = {name: step_flops(name, networks[name], image) for name in names}
-    steps = {name: make_step(name, networks[name], image) for name in names}
-    for _ in range(args.warmup):
-        for name in names:
-            steps[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.steps):
-        for name in names:  # alternate, so both see the same machine state
-            start = time.perf_counter()
-            steps[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    rate = gemm_rate(device)
-
-    results = {}
-    for name in names:
-        median = statistics.median(times[name])
-        results[name] = {
-            "step_s_median": median,
-            "samples_per_s": args.batch / median,
-            "step_gflop": flops[name] / 1e9,
-            "achieved_gflop_s": flops[name] / median / 1e9,
-            "mfu_vs_gemm": flops[name] / median / rate,
-            "peak_memory_bytes": peak_memory(name, preset, args.batch, device, args.threads),
-        }
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    machine = machine_info(device, args.threads)
+    gemm = gemm_rate(device, dtype)
+    print(f"GEMM {gemm / 1e9:.1f} GFLOP/s ({dtype})", flush=True)
+    networks = {}
+    for name in args.networks:
+        entry = networks[name] = benchmark_network(name, args, device, gemm)
+        for role in ("ours", "reference"):
+            if role in entry:
+                r = entry[role]
+                print(f"{name:11s} {role:9s} {r['step_s_median']:8.3f} s/step {r['samples_per_s']:7.2f} samples/s "
+                      f"{r['step_gflop']:8.1f} GFLOP  MFU {100 * r['mfu_vs_gemm']:5.1f}%  "
+                      f"peak {r['peak_memory']['peak_bytes'] / 2**20:7.0f} MiB", flush=True)
+        if "time_ratio_ours_over_reference" in entry:
+            print(f"{name:11s} time ratio ours / MONAI MAE: {entry['time_ratio_ours_over_reference']:.3f}", flush=True)
+    gemm_end = gemm_rate(device, dtype)  # a drift between the two says the machine's load changed meanwhile
+    machine["load_average_at_end"] = os.getloadavg()
     report = {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "machine": {"cpu_count": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                    or platform.machine(), "load_average": os.getloadavg()},
-        "preset": args.preset, "batch": args.batch, "mask_ratio": 0.75,
-        "gemm_gflop_s": rate / 1e9,
-        "networks": results,
-        "time_ratio_hiend_over_monai": results["hiend_mae"]["step_s_median"] / results["monai_mae"]["step_s_median"],
+        "benchmark": "pretrain_step",
+        "command": " ".join(["python bench/bench_pretrain_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine,
+        "preset": args.preset,
+        "configs": list(PRESETS[args.preset]["configs"]),
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
+        "compile": args.compile,
+        "gemm_gflop_s": gemm / 1e9,
+        "gemm_gflop_s_at_end": gemm_end / 1e9,
+        "peak_tflops": args.peak_tflops,
+        "flop_counting": "torch FlopCounterMode: matmul, convolution, attention (CPU flash SDPA mapped to torch's "
+                         "SDPA formulas); FFT, normalisation, interpolation and elementwise ops count 0",
+        "networks": networks,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return report
 
 
 if __name__ == "__main__":

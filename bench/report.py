@@ -1,0 +1,361 @@
+"""Write docs/benchmarks.md from bench/results/*.json: one Markdown table per result file, then
+the issue's performance targets judged from those numbers alone.
+
+Each table names the command that produced it, the machine and the load average while it ran.
+Files it does not recognise are listed, not guessed at.
+
+    python bench/report.py                       # bench/results -> docs/benchmarks.md
+    python bench/report.py --results /tmp/r --out /tmp/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+# The issue's targets (issue 12), as thresholds on the measured numbers.
+MAX_TIME_RATIO = 1.0  # our step time / MONAI MAE's, measured alternating in one run
+CPU_MFU_PAPER = 0.60  # ViT-B pretraining steps against the measured fp32 GEMM rate
+CPU_MFU_DEMO = 0.45  # the tiny demo size
+GPU_MFU_PEAK = 0.35  # against the bf16 datasheet peak
+MAX_CORRUPTION_SHARE = 0.02  # masking and frequency corruption, fraction of a training step
+VIT_NETWORKS = ("hiend_mae", "maesil", "frepa_vit")  # the pretraining steps with a ViT encoder
+CORRUPTION_OPS = (  # bench_ops.py entries that are masking / frequency corruption (not losses or filters)
+    "spectral_patch_mask", "low_frequency_perturbation", "frequency_corruption", "histogram_equalised_mask",
+    "frepa_corruption",
+)
+
+
+# ---------------------------------------------------------------- formatting
+def number(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / MIB:.0f}"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def load_text(values: Any) -> str:
+    if values is None:
+        return "–"
+    if isinstance(values, (int, float)):
+        return f"{values:.2f} (1 min)"
+    return " / ".join(f"{v:.2f}" for v in values) + " (1/5/15 min)"
+
+
+def provenance(path: Path, report: dict) -> list[str]:
+    """The command, machine and load lines every table starts with."""
+    machine = report.get("machine", {})
+    device = machine.get("device_name") or machine.get("gpu") or machine.get("device", "cpu")
+    cpu = machine.get("cpu") or machine.get("platform") or "?"
+    threads = machine.get("torch_threads", machine.get("cpu_threads"))
+    cores = machine.get("cpu_count", machine.get("os_cpu_count", "?"))
+    lines = [
+        f"From `{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`.",
+        "",
+        f"- command: `{report.get('command', '?')}`",
+        f"- machine: {device}; CPU {cpu}, {cores} cores, {threads} torch threads; "
+        f"torch {machine.get('torch', '?')}",
+    ]
+    if "load_average_at_start" in machine:
+        lines.append(f"- load average: at start {load_text(machine['load_average_at_start'])}, "
+                     f"at end {load_text(machine.get('load_average_at_end'))}")
+    elif "load_average_1min_at_end" in machine:
+        lines.append(f"- load average at end: {load_text(machine['load_average_1min_at_end'])}")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------- one section per result kind
+def pretrain_step_section(path: Path, report: dict) -> list[str]:
+    peak_header = ["MFU vs peak"] if report.get("peak_tflops") else []
+    rows = []
+    for name, entry in report["networks"].items():
+        for role in ("ours", "reference"):
+            if role not in entry:
+                continue
+            r = entry[role]
+            ratio = number(entry.get("time_ratio_ours_over_reference"), 3) if role == "ours" else ""
+            rows.append([
+                name, r["network"].rsplit(".", 1)[-1], "×".join(map(str, entry["input_shape"])),
+                number(r["step_s_median"], 3), number(r["samples_per_s"]), number(r["step_gflop"], 1),
+                number(r["achieved_gflop_s"], 1), percent(r["mfu_vs_gemm"]),
+                *([percent(r.get("mfu_vs_peak"))] if peak_header else []),
+                mib(r["peak_memory"]["peak_bytes"]), ratio,
+            ])
+    header = ["network", "model", "batch", "s/step (median)", "samples/s", "GFLOP/step", "GFLOP/s",
+              "MFU vs GEMM", *peak_header, "peak MiB", "time ratio ours/MONAI"]
+    peak = f", datasheet peak {report['peak_tflops']} TFLOP/s" if report.get("peak_tflops") else ""
+    return [
+        f"### Pretraining step, {report['preset']} preset ({report['machine']['device']}, {report['dtype']}"
+        f"{', torch.compile' if report.get('compile') else ''})",
+        "",
+        *provenance(path, report),
+        f"Median of {report['steps']} steps after {report['warmup']} warm-up steps, each network alternating with "
+        f"its MONAI reference. GEMM rate in the same run: {report['gemm_gflop_s']:.1f} GFLOP/s "
+        f"({report.get('gemm_gflop_s_at_end', 0):.1f} at the end){peak}. FLOPs: {report['flop_counting']}. "
+        f"Peak memory: {next(iter(report['networks'].values()))['ours']['peak_memory']['kind']}.",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
+def data_section(path: Path, report: dict) -> list[str]:
+    rows = []
+    for bundle, b in report["bundles"].items():
+        rates = "; ".join(f"{r['samples_per_s']:.2f} ({r['device'] or 'given'})" for r in b["step_rates"]) or "–"
+        headroom = "; ".join(f"{r['loader_headroom']:.1f}×" for r in b["step_rates"]) or "–"
+        workers = f"{b['num_workers']}" + ("" if b.get("num_workers_is_bundle_default", True) else " (set)")
+        rows.append([
+            bundle, b["dataset"], workers, b["batch_size"], b["crops_per_scan"], "×".join(map(str, b["crop_shape"])),
+            b["cached_scans"], number(b["caching_s"], 1), number(b["crops_per_s"]), number(b["scans_per_s"]),
+            rates, headroom,
+        ])
+    header = ["bundle", "dataset", "workers", "scans/batch", "crops/scan", "crop", "scans", "caching s",
+              "crops/s", "scans/s", "step samples/s", "loader / step"]
+    return [
+        f"### Data pipeline, {report['preset']} preset",
+        "",
+        *provenance(path, report),
+        f"Each bundle's own train#dataloader; data: {report['data']}. Rates over whole epochs (workers start "
+        "anew each epoch). Loader / step above 1 means the loader keeps up with the step.",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
+def inference_section(path: Path, report: dict) -> list[str]:
+    r = report["result"]
+    row = [
+        f"{r['network']} ({r['encoder_size']})", "×".join(map(str, r["scan_shape"])), "×".join(map(str, r["roi_size"])),
+        r["sw_batch_size"], r["overlap"], r["windows"], number(r["seconds_median"]), number(r["gflop"], 0),
+        number(r["achieved_gflop_s"], 1), percent(r["fraction_of_gemm"]), mib(r["peak_memory"]["peak_bytes"]),
+    ]
+    header = ["network", "scan", "roi", "sw batch", "overlap", "windows", "s/scan (median)", "GFLOP", "GFLOP/s",
+              "vs GEMM", "peak MiB"]
+    return [
+        f"### Sliding-window inference, {report['preset']} preset ({report['machine']['device']}, {report['dtype']})",
+        "",
+        *provenance(path, report),
+        f"Median of {report['repeats']} passes after {report['warmup']} warm-up; GEMM rate in the same run "
+        f"{report['gemm_gflop_s']:.1f} GFLOP/s; peak memory: {r['peak_memory']['kind']}.",
+        "",
+        *table(header, [row]),
+        "",
+    ]
+
+
+def ops_section(path: Path, report: dict) -> list[str]:
+    rows = [
+        [name, number(o["batched_ms"], 1), number(o.get("loop_ms"), 1), number(o.get("speedup"), 2),
+         percent(o.get("fraction_of_step"))]
+        for name, o in report["ops"].items()
+    ]
+    step = report.get("vit_b16_step_ms")
+    config = report.get("config", {})
+    return [
+        f"### Corruption and loss ops (input {'×'.join(map(str, config.get('input_shape', [])))})",
+        "",
+        *provenance(path, report),
+        f"{config.get('statistic', 'median')}; per-sample loop references as in the official code"
+        + (f"; share of a Hi-End-MAE ViT-B/16 step of {step:.0f} ms on the same batch." if step else "."),
+        "",
+        *table(["op", "batched ms", "loop ms", "speed-up", "share of step"], rows),
+        "",
+    ]
+
+
+def maesil_section(path: Path, report: dict) -> list[str]:
+    rows = [
+        [r["mode"], r["batch_size"], number(r["step_seconds_median"], 2), number(r["peak_memory_mib"], 0),
+         r["memory_kind"], r["sdpa_calls_per_step"]]
+        for r in report["results"]
+    ]
+    config = report["config"]
+    return [
+        f"### MAESIL on one {config['superpatch_size']}³ superpatch (bench_maesil.py)",
+        "",
+        *provenance(path, report),
+        f"{config['tokens']} tokens, {config['visible_tokens']} visible when masked.",
+        "",
+        *table(["mode", "batch", "s/step (median)", "peak MiB", "memory", "SDPA calls"], rows),
+        "",
+    ]
+
+
+def kind_of(report: dict) -> str | None:
+    if report.get("benchmark") in SECTIONS:
+        return report["benchmark"]
+    if "ops" in report:
+        return "ops"
+    if "results" in report and "superpatch_size" in report.get("config", {}):
+        return "maesil"
+    return None
+
+
+SECTIONS: dict[str, Callable[[Path, dict], list[str]]] = {
+    "pretrain_step": pretrain_step_section,
+    "data": data_section,
+    "inference": inference_section,
+    "ops": ops_section,
+    "maesil": maesil_section,
+}
+
+
+# ---------------------------------------------------------------- targets
+def verdict(ok: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "no result"}[ok]
+
+
+def target_rows(results: list[tuple[Path, str, dict]]) -> list[list[str]]:
+    """[target, where, measured, verdict] for every number that bears on a target."""
+    rows = []
+    steps = [(path, report) for path, kind, report in results if kind == "pretrain_step"]
+    for method in ("hiend_mae", "maesil"):
+        found = False
+        for path, report in steps:
+            entry = report["networks"].get(method, {})
+            if "time_ratio_ours_over_reference" in entry:
+                found = True
+                ratio = entry["time_ratio_ours_over_reference"]
+                rows.append([f"{method} step time ≤ MONAI MAE's (ratio ≤ {MAX_TIME_RATIO})",
+                             f"{path.name} ({report['preset']}, {report['machine']['device']})",
+                             f"{ratio:.3f}", verdict(ratio <= MAX_TIME_RATIO)])
+        if not found:
+            rows.append([f"{method} step time ≤ MONAI MAE's", "–", "–", verdict(None)])
+    cpu_found = False
+    for path, report in steps:
+        if report["machine"]["device"] != "cpu":
+            continue
+        threshold = CPU_MFU_PAPER if report["preset"] == "paper" else CPU_MFU_DEMO
+        for name in VIT_NETWORKS:
+            if name in report["networks"]:
+                cpu_found = True
+                mfu = report["networks"][name]["ours"]["mfu_vs_gemm"]
+                note = " (FFT FLOPs not counted)" if name.startswith("frepa") else ""
+                rows.append([f"CPU {report['preset']} ViT step ≥ {threshold:.0%} of GEMM", f"{path.name}: {name}",
+                             f"{mfu:.1%}{note}", verdict(mfu >= threshold)])
+    if not cpu_found:
+        rows.append(["CPU ViT step MFU", "–", "–", verdict(None)])
+    gpu_found = False
+    for path, report in steps:
+        if report["machine"]["device"] == "cpu":
+            continue
+        for name, entry in report["networks"].items():
+            gpu_found = True
+            mfu_peak = entry["ours"].get("mfu_vs_peak")
+            measured = (f"{mfu_peak:.1%} of {report['peak_tflops']} TFLOP/s" if mfu_peak is not None
+                        else f"{entry['ours']['mfu_vs_gemm']:.1%} of measured bf16 GEMM; no datasheet peak given")
+            rows.append([f"GPU step ≥ {GPU_MFU_PEAK:.0%} of bf16 peak",
+                         f"{path.name}: {name} ({report['machine'].get('device_name')})", measured,
+                         verdict(None if mfu_peak is None else mfu_peak >= GPU_MFU_PEAK)])
+    if not gpu_found:
+        rows.append([f"GPU step ≥ {GPU_MFU_PEAK:.0%} of bf16 peak", "–", "no GPU result", verdict(None)])
+    ops_found = False
+    for path, kind, report in results:
+        if kind != "ops":
+            continue
+        for name in CORRUPTION_OPS:
+            share = report["ops"].get(name, {}).get("fraction_of_step")
+            if share is not None:
+                ops_found = True
+                rows.append([f"masking / corruption < {MAX_CORRUPTION_SHARE:.0%} of a step", f"{path.name}: {name}",
+                             f"{share:.2%}", verdict(share < MAX_CORRUPTION_SHARE)])
+    if not ops_found:
+        rows.append(["masking / corruption share of a step", "–", "no ops result with a step reference",
+                     verdict(None)])
+    data_found = False
+    for path, kind, report in results:
+        if kind != "data":
+            continue
+        for bundle, b in report["bundles"].items():
+            if not b.get("num_workers_is_bundle_default", True):
+                continue
+            for rate in b["step_rates"]:
+                data_found = True
+                rows.append(["data loader keeps up at the default worker count",
+                             f"{path.name}: {bundle}, {b['num_workers']} workers vs {rate['device'] or 'given'} step",
+                             f"{b['crops_per_s']:.2f} vs {rate['samples_per_s']:.2f} samples/s",
+                             verdict(rate["loader_headroom"] >= 1.0)])
+    if not data_found:
+        rows.append(["data loader keeps up at the default worker count", "–", "–", verdict(None)])
+    rows.append(["≥ 1.1× faster than the official Hi-End-MAE", "–", "the official code is not run here",
+                 verdict(None)])
+    return rows
+
+
+def build_report(results_dir: Path) -> str:
+    results, unknown = [], []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            report = json.loads(path.read_text())
+        except ValueError:
+            unknown.append(path.name)
+            continue
+        kind = kind_of(report) if isinstance(report, dict) else None
+        if kind is None:
+            unknown.append(path.name)
+        else:
+            results.append((path, kind, report))
+    order = list(SECTIONS)
+    source = results_dir.relative_to(ROOT) if results_dir.is_relative_to(ROOT) else results_dir
+    results.sort(key=lambda item: (order.index(item[1]), item[0].name))
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python bench/report.py` from `{source}/*.json`; "
+        "`make bench` reruns the scripts and this report. Every number below was measured by the command "
+        "named above its table, on the machine named there; CPU timings on a shared machine move with its load.",
+        "",
+        "## Targets (issue 12)",
+        "",
+        *table(["target", "result", "measured", "verdict"], target_rows(results)),
+        "",
+        "## Results",
+        "",
+    ]
+    for path, kind, report in results:
+        lines += SECTIONS[kind](path, report)
+    if not results:
+        lines += ["No results yet: run `make bench`.", ""]
+    if unknown:
+        lines += [f"Not understood, left out: {', '.join(unknown)}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    if not args.results.is_dir():
+        raise FileNotFoundError(f"no results folder {args.results}: run the bench/ scripts (make bench) first")
+    text = build_report(args.results.resolve())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
