@@ -35,9 +35,6 @@ $(MONAILABEL_VENV)/.installed: pyproject.toml
 	$(MONAILABEL_VENV)/bin/python -m pip install -q --upgrade pip
 	$(MONAILABEL_VENV)/bin/python -m pip install -q "$(MONAILABEL_TORCH_SPEC)"
 	$(MONAILABEL_VENV)/bin/python -m pip install -q -e ".[test,monailabel]"
-	# MONAI 1.6's Spacingd breaks inference inside MONAI Label 0.8.5; 1.5.2's [ignite] extra pins
-	# pytorch-ignite 0.4.11, below medssl's 0.5: so 1.5.2 goes in alone (pyproject.toml, [monailabel]).
-	$(MONAILABEL_VENV)/bin/python -m pip install -q --no-deps monai==1.5.2
 	touch $@
 
 test-monailabel: $(MONAILABEL_VENV)/.installed

@@ -2,9 +2,10 @@
 
 The trained (tiny) bundle sits in the app's model folder, `zoo_source` is set so that MONAI Label
 fetches nothing; the test sends a real `infer` request on a generated scan and a real `train`
-request for one epoch over HTTP on the loopback interface. Needs the optional extra
-(`make test-monailabel` builds build/venv-monailabel and runs this file); skipped, with the reason,
-where MONAI Label is not installed or cannot import.
+request for one epoch over HTTP on the loopback interface. Those need the optional extra
+(`make test-monailabel` builds build/venv-monailabel and runs this file) and are skipped, with the
+reason, where MONAI Label is not installed or cannot import; the check of the bundle's
+preprocessing on MONAI Label's input dict runs everywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medssl.data.phantoms import LABELS, generate_phantom, write_phantom_dataset
 
@@ -41,7 +42,7 @@ def _why_monailabel_cannot_run() -> str | None:
 
 
 SKIP_REASON = _why_monailabel_cannot_run()
-pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+needs_monailabel = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "seg_finetune"
 MODEL = "seg_finetune"
@@ -147,6 +148,7 @@ def server(tmp_path_factory):
             process.wait()
 
 
+@needs_monailabel
 def test_app_lists_the_bundle_with_the_organ_names_of_channel_def(server):
     import httpx
 
@@ -157,6 +159,7 @@ def test_app_lists_the_bundle_with_the_organ_names_of_channel_def(server):
     assert MODEL in info["trainers"]
 
 
+@needs_monailabel
 def test_infer_request_returns_a_segmentation_on_the_scans_grid(server, tmp_path):
     import httpx
 
@@ -178,6 +181,7 @@ def test_infer_request_returns_a_segmentation_on_the_scans_grid(server, tmp_path
     assert set(np.unique(np.asarray(segmentation.dataobj)).tolist()) <= set(LABELS)
 
 
+@needs_monailabel
 def test_train_request_runs_one_epoch_from_the_bundles_model(server):
     import httpx
 
@@ -190,3 +194,21 @@ def test_train_request_runs_one_epoch_from_the_bundles_model(server):
     after = torch.load(bundle / "models" / "model.pt", weights_only=True)
     assert set(after) == set(before)
     assert any(not torch.equal(after[key], before[key]) for key in before)  # trained from the loaded weights
+
+
+def test_inference_preprocessing_keeps_monai_labels_image_path_and_ignores_it(tmp_path):
+    # MONAI Label's infer task hands the preprocessing {"image": path, "image_path": path, ...};
+    # MONAI 1.6's Spacingd took `image_path` for a metadata dict and failed on it.
+    scan, _, affine = generate_phantom((30, 36, 28), (2.0, 1.8, 2.4), seed=11)
+    path = str(tmp_path / "scan.nii.gz")
+    nib.save(nib.Nifti1Image(scan, affine), path)
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLE)
+    preprocessing = parser.get_parsed_content("preprocessing")
+
+    plain = preprocessing({"image": path})
+    as_monai_label = preprocessing({"image": path, "image_path": path, "model": MODEL})
+    assert as_monai_label["image_path"] == path and as_monai_label["model"] == MODEL
+    torch.testing.assert_close(as_monai_label["image"].as_tensor(), plain["image"].as_tensor(), rtol=0, atol=0)
+    torch.testing.assert_close(as_monai_label["image"].affine, plain["image"].affine, rtol=0, atol=0)

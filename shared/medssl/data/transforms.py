@@ -45,6 +45,7 @@ __all__ = [
     "LoadScand",
     "CheckScand",
     "SelectLabelsd",
+    "SpacingOnlyd",
     "ct_pretrain_transforms",
     "ct_seg_train_transforms",
     "ct_seg_val_transforms",
@@ -166,6 +167,28 @@ class SelectLabelsd(MapTransform):
         return d
 
 
+class SpacingOnlyd(Spacingd):
+    """``monai.transforms.Spacingd`` that leaves the ``<key>_*`` entries which are not metadata dicts alone.
+
+    MONAI 1.6's ``Spacingd`` also copies a NIfTI scan's meta data into every other ``<key>_*``
+    entry, taking each for a metadata dict; MONAI Label's infer task puts the scan's path, a
+    string, at ``image_path``, where that raises ``AttributeError: 'str' object has no attribute
+    'update'``. Entries of that namespace that are not dicts are set aside while resampling and put
+    back unchanged. Resampling, its inverse and metadata-dict entries are MONAI's own.
+    """
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict[Hashable, object]:
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        set_aside = {
+            name: value
+            for name, value in data.items()
+            if isinstance(name, str) and name.startswith(prefixes) and not isinstance(value, Mapping)
+        }
+        resampled = super().__call__({name: value for name, value in data.items() if name not in set_aside}, lazy=lazy)
+        # the None placeholders keep the input's key order
+        return {**dict.fromkeys(data), **resampled, **set_aside}
+
+
 def _load_to_window(
     keys: Sequence[str],
     spacing: Sequence[float] | None,
@@ -184,7 +207,7 @@ def _load_to_window(
     transforms.append(Orientationd(keys, axcodes="RAS", labels=None))  # labels=None: the MetaTensor's own space
     if spacing is not None:
         modes = ["nearest" if key == label_key else "bilinear" for key in keys]
-        transforms.append(Spacingd(keys, pixdim=spacing, mode=modes))
+        transforms.append(SpacingOnlyd(keys, pixdim=spacing, mode=modes))
     transforms.append(ScaleIntensityRanged("image", a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=True))
     return transforms
 
