@@ -58,6 +58,11 @@ bench: venv
 	$(BIN)/python bench/bench_maesil.py --steps 1 --out bench/results/maesil.json
 	$(BIN)/python bench/report.py
 
+# `make study`: pretrained vs scratch fine-tuning with 1, 2, 4 labelled scans, 3 seeds (hours on a CPU;
+# restartable: finished runs under runs/study/ are reused). `--size paper` is for GPUs.
+study: venv
+	$(BIN)/python bench/study.py --size small --out docs/results.md --jobs 2
+
 zoo: venv
 	$(BIN)/python -m medssl.zoo pack --bundles $(ZOO_BUNDLES) --out $(ZOO) $(if $(wildcard $(SCHEMA)),--schema $(SCHEMA))
 

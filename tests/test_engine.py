@@ -241,6 +241,27 @@ def test_a_checkpoint_of_another_config_is_refused_with_its_path(tmp_path):
         ResumableCheckpoint(tmp_path, {"model": other}).attach(trainer(other))
 
 
+def test_running_a_finished_run_again_trains_nothing(tmp_path):
+    network = LossNet()
+    trainer_once = trainer(network, epochs=2)
+    ResumableCheckpoint(tmp_path, {"model": network}).attach(trainer_once)
+    trainer_once.run()
+    finished = network.weight.detach().clone()
+
+    again = LossNet()
+    engine = trainer(again, epochs=2)
+    ResumableCheckpoint(tmp_path, {"model": again}).attach(engine)
+    engine.run()
+    assert again.calls == 0  # not a single training step
+    torch.testing.assert_close(again.weight.detach(), finished)
+
+    more = LossNet()
+    engine = trainer(more, epochs=3)  # a larger budget trains on from epoch 2
+    ResumableCheckpoint(tmp_path, {"model": more}).attach(engine)
+    engine.run()
+    assert more.calls == 2 and engine.state.epoch == 3
+
+
 def rng_worker(rank: int, folder: str, port: int) -> None:
     """Rank ``rank`` of 2 (gloo): save the random state, draw, then draw again after loading it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -30,21 +30,44 @@ def repository_root() -> Path:
     return root
 
 
-def run_bundle(bundle: Path, configs: str, *overrides: str) -> float:
-    """Run ``python -m monai.bundle run`` in the bundle's folder; returns the wall time in seconds."""
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *overrides]
-    print(f"\n$ (cd {bundle.relative_to(repository_root())} && {shlex.join(command[1:])})", flush=True)
+def bundle_command(configs: str, *overrides: str) -> list[str]:
+    """The ``python -m monai.bundle run`` command line for ``configs`` with ``--key value`` overrides."""
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *overrides]
+
+
+def shown_command(bundle: Path, command: list[str]) -> str:
+    """``command`` as a shell line to re-run by hand from the repository root."""
+    return f"(cd {bundle.relative_to(repository_root())} && python {shlex.join(command[1:])})"
+
+
+def run_bundle(bundle: Path, configs: str, *overrides: str, log: Path | None = None) -> float:
+    """Run ``python -m monai.bundle run`` in the bundle's folder; returns the wall time in seconds.
+
+    The command is printed first. Its output goes to the terminal, or to the file ``log`` when
+    given (then the last lines of that file are printed if the command fails).
+    """
+    command = bundle_command(configs, *overrides)
+    print(f"\n$ {shown_command(bundle, command)}", flush=True)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=bundle)
+    if log is None:
+        result = subprocess.run(command, cwd=bundle)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as handle:
+            result = subprocess.run(command, cwd=bundle, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise SystemExit(f"the command above failed (exit {result.returncode}); its log is printed above")
+        if log is None:
+            raise SystemExit(f"the command above failed (exit {result.returncode}); its log is printed above")
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"{shown_command(bundle, command)}\nfailed (exit {result.returncode}); "
+                         f"the end of its log {log}:\n{tail}")
     return time.perf_counter() - start
 
 
 def read_metric(metrics_csv: Path, name: str) -> float:
-    """Read one value from MONAI's MetricsSaver ``metrics.csv`` (tab-separated name, value)."""
+    """Read one value from MONAI's MetricsSaver ``metrics.csv`` (one ``name,value`` line per metric)."""
     with open(metrics_csv, newline="") as handle:
-        for row in csv.reader(handle, delimiter="\t"):
+        for row in csv.reader(handle):
             if row and row[0] == name:
                 return float(row[1])
     raise SystemExit(f"{metrics_csv} has no metric {name!r}")

@@ -398,6 +398,7 @@ class ResumableCheckpoint:
         self.evaluator = evaluator
         self._objects: dict = {}
         self._resumed_from = ""
+        self._complete = False
         self._saved_scaler: dict | None = None
         self._saver: Checkpoint | None = None
 
@@ -420,6 +421,8 @@ class ResumableCheckpoint:
                 ) from error
             engine.state.max_epochs = max_epochs  # the command's epoch budget wins over the saved one
             self._saved_scaler = checkpoint.get("scaler")
+            # Ignite restarts a finished engine from epoch 0: the same command run again would train twice.
+            self._complete = engine.state.epoch >= max_epochs
         else:
             logger.info("no checkpoint in %s: training starts from scratch", self.ckpt_dir)
         # Deferred to the start of the run: MONAI's Trainer.run() creates the AMP scaler afresh, and
@@ -428,6 +431,14 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.STARTED, self._start)
 
     def _start(self, engine: Engine) -> None:
+        if self._complete:
+            logger.warning(
+                "%s already holds all %d epochs of this run: nothing to train. Raise the epochs to train on, "
+                "or move the checkpoint out of %s to train again from scratch.",
+                self._resumed_from, engine.state.max_epochs, self.ckpt_dir,
+            )
+            engine.terminate()
+            return
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             self._objects["scaler"] = scaler

@@ -1,0 +1,133 @@
+"""bench/study.py without running any bundle: its plans against the real configs, and its tables from fake CSVs."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study()
+
+
+def _write_test_outputs(folder: Path, organs: dict[str, list[float]]) -> float:
+    """Fake MetricsSaver reports of one evaluated run; returns the mean it records."""
+    test = folder / "test"
+    test.mkdir(parents=True)
+    scans = len(next(iter(organs.values())))
+    rows = ["filename," + ",".join(organs) + ",mean"]
+    means = []
+    for scan in range(scans):
+        values = [organs[name][scan] for name in organs]
+        present = [v for v in values if not math.isnan(v)]
+        means.append(sum(present) / len(present))
+        rows.append(f"/data/phantom_{scan:03d}.nii.gz," + ",".join(f"{v:.4f}" for v in values) + f",{means[-1]:.4f}")
+    (test / "val_mean_dice_raw.csv").write_text("\n".join(rows) + "\n")
+    overall = sum(means) / len(means)
+    (test / "metrics.csv").write_text(f"val_mean_dice,{overall}\nval_hd95_vox,12.5\n")
+    return overall
+
+
+def test_mean_sd_in_dice_points():
+    assert study.mean_sd([0.5, 0.6, 0.7]) == "60.0 ± 10.0"
+    assert study.mean_sd([0.5]) == "50.0"
+    assert study.mean_sd([0.5, math.nan]) == "50.0"
+    assert study.mean_sd([]) == "n/a"
+
+
+def test_tables_and_verdicts_come_from_the_csvs(tmp_path):
+    network = {"network_kind": "vit", "encoder_size": "tiny", "roi_size": [64, 64, 64], "encoder_args": {}}
+    starts = study.plan_starts({"good": network, "weak": network})
+    assert [s.folder for s in starts] == ["scratch_vit-tiny-64", "good", "good_probe", "weak", "weak_probe"]
+    # mean Dice per seed; gains over scratch, paired by seed: good +5, +2, +6 (mean 4.33); weak +1, +2, +3 (mean 2)
+    means = {"scratch_vit-tiny-64": [0.40, 0.50, 0.60], "good": [0.45, 0.52, 0.66], "good_probe": [0.30, 0.40, 0.50],
+             "weak": [0.41, 0.52, 0.63], "weak_probe": [0.40, 0.50, 0.60]}
+    results = []
+    for start in starts:
+        for seed, mean in enumerate(means[start.folder]):
+            folder = tmp_path / start.folder / f"k1_seed{seed}"
+            # two scans; the spleen is missing (nan) on the second one and must not count
+            written = _write_test_outputs(folder, {"liver": [mean + 0.1, mean + 0.1], "spleen": [mean - 0.1, math.nan]})
+            results.append(study.read_result(folder, start, 1, seed))
+            assert results[-1].mean == pytest.approx(written)
+    scratch_seed0 = next(r for r in results if r.start.mode == "scratch" and r.seed == 0)
+    assert scratch_seed0.organs == pytest.approx({"liver": 0.5, "spleen": 0.3})
+
+    preset = study.PRESETS["smoke"]
+    text = "\n".join(study.results_markdown(results, starts, preset))
+    scratch_means = [r.mean for r in results if r.start.mode == "scratch"]
+    assert f"| scratch_vit-tiny-64 | scratch | UNETR (vit-tiny), 64³ crops | {study.mean_sd(scratch_means)} |" in text
+    assert "| good | finetune | 4.3 ± 2.1 |" in text  # paired: sd of (5, 2, 6), not of the two columns
+    assert "| weak | finetune | 2.0 ± 1.0 |" in text
+    assert "| good_probe | probe | -10.0 ± 0.0 |" in text
+    assert "**good**" in text
+    assert "mean paired gain +4.33 Dice points (3 seeds, sd 2.08): the ≥ 3-point target is met" in text
+    assert "mean paired gain +2.00 Dice points (3 seeds, sd 1.00): the ≥ 3-point target is not met" in text
+
+
+def test_verdict_says_when_k1_was_not_measured():
+    network = {"network_kind": "cnn", "encoder_size": "tiny", "roi_size": [32, 32, 32], "encoder_args": {}}
+    starts = study.plan_starts({"frepa_cnn": network})
+    assert "k = 1 was not measured" in study.verdict([], starts, "frepa_cnn")
+
+
+def test_labelled_order_shuffles_training_cases_and_keeps_validation_last(tmp_path):
+    cases = [{"image": f"./imagesTr/p{i}.nii.gz", "label": f"./labelsTr/p{i}.nii.gz"} for i in range(6)]
+    pool = tmp_path / "dataset.json"
+    pool.write_text(json.dumps({"name": "phantoms", "labels": {"0": "background"}, "training": cases}))
+    orders = {seed: json.loads(study.labelled_order(pool, 2, seed).read_text())["training"] for seed in range(4)}
+    for order in orders.values():
+        assert order[-2:] == cases[-2:]
+        assert sorted(c["image"] for c in order[:-2]) == [c["image"] for c in cases[:-2]]
+    assert len({tuple(c["image"] for c in order) for order in orders.values()}) > 1
+    assert json.loads(study.labelled_order(pool, 2, 3).read_text())["training"] == orders[3]
+
+
+def test_preset_refuses_budgets_that_differ_between_k():
+    smoke = study.PRESETS["smoke"]
+    fields = {name: getattr(smoke, name) for name in study.Preset.__dataclass_fields__}
+    with pytest.raises(ValueError, match="not a multiple of k = 2"):
+        study.Preset(**{**fields, "label_counts": (1, 2), "steps": 3})
+    with pytest.raises(ValueError, match="needs scratch runs at the same k"):
+        study.Preset(**{**fields, "probe_label_counts": (2,)})
+    with pytest.raises(ValueError, match="do not fit"):
+        study.Preset(**{**fields, "label_counts": (5,), "probe_label_counts": (5,), "steps": 5, "warmup_steps": 5,
+                        "val_every": 5})
+
+
+@pytest.mark.parametrize("size", sorted(study.PRESETS))
+def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
+    """The keys the study overrides exist in today's configs; the fine-tuning networks match the encoders."""
+    preset = study.PRESETS[size]
+    _, networks = study.pretraining_plan(ROOT, preset, tmp_path)
+    assert set(networks) == {"hiend_mae", "maesil", "frepa_vit", "frepa_swin", "frepa_cnn"}
+    assert [networks[f"frepa_{kind}"]["network_kind"] for kind in ("vit", "swin", "cnn")] == ["vit", "swin", "cnn"]
+    assert networks["maesil"]["encoder_args"]["patch_size"] == 8
+    assert networks["hiend_mae"]["roi_size"] == networks["frepa_vit"]["roi_size"]
+
+    data = {"test": tmp_path / "test.json", **{f"finetune_seed{s}": tmp_path / f"ft{s}.json" for s in preset.seeds}}
+    weights = {name: tmp_path / name / "model.pt" for name in networks}
+    starts = study.plan_starts(networks)
+    runs = study.fine_tuning_runs(preset, starts)
+    chains = [study.finetune_chain(preset, start, k, seed, tmp_path, data, weights) for start, k, seed in runs]
+    study.check_overrides(ROOT, [step for chain in chains for step in chain])
+    for (start, k, _), (train, evaluate) in zip(runs, chains, strict=True):
+        assert train.overrides["epochs"] * k == preset.steps  # the same budget of steps for every k
+        assert ("pretrained#model_path" in train.overrides) == (start.mode != "scratch")
+        assert train.overrides.get("freeze_encoder", False) == (start.mode == "probe")
+        assert evaluate.overrides["dataset_dir"] == str(data["test"])
+        assert evaluate.overrides["num_val"] == preset.test_pool.num
+    assert {k for _, k, _ in runs} == set(preset.label_counts) | set(preset.probe_label_counts)
+    assert len({seed for _, _, seed in runs}) == len(preset.seeds)
