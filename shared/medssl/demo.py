@@ -3,7 +3,8 @@
 1. Pretrain Hi-End-MAE with its demo preset on the embedded phantom CT scans.
 2. Fine-tune seg_finetune (UNETR) from those weights and from scratch, with the same budget and
    the same few labelled scans.
-3. Evaluate both on the held-out phantoms and print their mean foreground Dice.
+3. Evaluate both on held-out phantoms (their own phantom seed: never trained on, never used to
+   pick a checkpoint) and print their mean foreground Dice.
 
 Every step is the bundle's own MONAI CLI command, printed before it runs, so it can be re-run by
 hand. Outputs go to runs/demo/ (pretraining to bundles/hiend_mae/models, as a user's run would).
@@ -19,6 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from medssl.data import default_dataset
+
+# Pretraining phantoms use seed 1000 and fine-tuning ones seed 0 (the bundles' defaults).
+HELD_OUT_PHANTOM_SEED = 2000
 DEMO_CONFIGS = "['configs/train.json','configs/demo.json']"
 EVALUATE_CONFIGS = "['configs/train.json','configs/demo.json','configs/evaluate.json']"
 
@@ -77,12 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--labels", type=int, default=2, help="labelled training scans for fine-tuning")
     parser.add_argument("--out", default="runs/demo", help="folder for the fine-tuning runs (relative to the repository)")
+    parser.add_argument("--held-out", type=int, default=4, help="held-out phantom scans to evaluate on")
     args = parser.parse_args(argv)
 
     root = repository_root()
     pretrain, finetune = root / "bundles" / "hiend_mae", root / "bundles" / "seg_finetune"
     out = (root / args.out).resolve()
     times = {"pretraining": run_bundle(pretrain, DEMO_CONFIGS)}
+    held_out = default_dataset(out / "held_out", num=args.held_out, seed=HELD_OUT_PHANTOM_SEED, shape=(96, 96, 96))
 
     dice = {}
     for start in ("pretrained", "scratch"):
@@ -92,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         source = ["--pretrained#bundle_name", "hiend_mae", "--pretrained#bundle_dir", str(root / "bundles")]
         times[f"fine-tuning ({start})"] = run_bundle(finetune, DEMO_CONFIGS, *common,
                                                      *(source if start == "pretrained" else []))
-        run_bundle(finetune, EVALUATE_CONFIGS, *common)
-        dice[start] = read_metric(run_dir / "eval" / "metrics.csv", "val_mean_dice")
+        run_bundle(finetune, EVALUATE_CONFIGS, *common[:2], "--output_dir", str(run_dir / "held_out"),
+                   "--dataset_dir", str(held_out), "--num_val", str(args.held_out))
+        dice[start] = read_metric(run_dir / "held_out" / "metrics.csv", "val_mean_dice")
 
-    print("\nHeld-out mean foreground Dice (UNETR, ViT-tiny encoder, "
+    print(f"\nMean foreground Dice on {args.held_out} held-out phantoms (UNETR, ViT-tiny encoder, "
           f"{args.labels} labelled phantom scans, same fine-tuning budget):")
     print(f"  from Hi-End-MAE pretraining: {dice['pretrained']:.4f}")
     print(f"  from scratch:                {dice['scratch']:.4f}")
