@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from monai.bundle import ConfigParser
 
-from bench_pretrain_step import BUNDLES  # bench/ is on sys.path when run as a script
+from bench_pretrain_step import BUNDLES, write_report  # bench/ is on sys.path when run as a script
 
 PRESETS = {"paper": ("train.json",), "demo": ("train.json", "demo.json")}
 PRETRAINING_BUNDLES = ("hiend_mae", "maesil", "frepa")
@@ -202,10 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "data": args.dataset_dir or "embedded phantoms of each bundle's config",
         "bundles": bundles,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -19,7 +19,6 @@ after resampling to 1.5 mm): the work does not depend on the voxel values. Measu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_pretrain_step import BUNDLES, gemm_rate, peak_rss_bytes  # bench/ is on sys.path when run as a script
+from bench_pretrain_step import BUNDLES, gemm_rate, peak_rss_bytes, write_report  # bench/ is on sys.path when run as a script
 
 PRESETS = {"paper": ("inference.json",), "demo": ("inference.json", "demo.json")}
 
@@ -155,10 +154,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     }
     print(f"{result['network']} ({result['encoder_size']}) on {tuple(args.shape)}: {median:.2f} s per scan, "
           f"{windows} windows of {tuple(roi_size)}, {result['gflop']:.0f} GFLOP, peak {peak / 2**20:.0f} MiB")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 

@@ -435,6 +435,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def write_report(report: dict, out: Path | None) -> None:
+    """Write a benchmark's JSON report to ``out`` (nothing when None)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -474,10 +482,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          "SDPA formulas); FFT, normalisation, interpolation and elementwise ops count 0",
         "networks": networks,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return report
 
 
