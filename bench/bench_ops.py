@@ -39,6 +39,7 @@ from medssl.frequency import (
     spectral_patch_mask,
 )
 from medssl.losses import FrepaLoss
+from medssl.models.frepa import FrepaCorruption
 
 from bench_pretrain_step import PRESETS, build, make_step  # bench/ is on sys.path when run as a script
 
@@ -162,11 +163,8 @@ def frepa_loss_step_loop(x, generator, config):
 
 
 def frepa_corruption(x, generator, config):
-    """One corruption per sample as Frepa trains: image masking with p 0.5, else frequency corruption."""
-    masked, _ = histogram_equalised_mask(x, config.image_patch, generator=generator)
-    corrupted, _ = frequency_corruption(x, config.spectral_patch, generator=generator)
-    use_image_mask = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
-    return torch.where(use_image_mask.reshape(-1, *[1] * (x.ndim - 1)), masked, corrupted)
+    """One corruption per sample as Frepa trains (its default grids); each op runs on its own samples."""
+    return FrepaCorruption(spatial_dims=x.ndim - 2)(x, generator)
 
 
 def frepa_corruption_loop(x, generator, config):
@@ -201,7 +199,7 @@ BENCHMARKS: dict[str, OpBenchmark] = {
         histogram_equalised_mask_loop,
     ),
     "frepa_corruption": OpBenchmark(
-        "Frepa's per-sample choice of the two corruptions (both computed, then selected)",
+        "Frepa's per-sample choice of the two corruptions (FrepaCorruption: each op on its own samples)",
         frepa_corruption,
         frepa_corruption_loop,
     ),

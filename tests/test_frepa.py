@@ -64,16 +64,36 @@ def test_corruption_picks_per_sample_between_the_two_ops(dims):
     corruption = FrepaCorruption(spatial_dims=dims)
     corrupted, used_image_mask = corruption(x, torch.Generator().manual_seed(3))
 
-    # Reference: the same draws, in the documented order, then a plain per-sample choice.
+    # Reference: the same draws, in the documented order; each op sees only its own samples.
     generator = torch.Generator().manual_seed(3)
-    choice = torch.rand(8, generator=generator) < 0.5
-    image_masked, _ = histogram_equalised_mask(x, SIZE // 16, (0.5, 0.75), generator=generator)
-    frequency_corrupted, _ = frequency_corruption(x, SIZE // 32, generator=generator)
-    assert torch.equal(used_image_mask, choice)
-    assert 0 < int(choice.sum()) < 8, "the seed should give a mixed batch"
-    for i in range(8):
-        expected = image_masked[i] if choice[i] else frequency_corrupted[i]
-        torch.testing.assert_close(corrupted[i], expected, rtol=0, atol=0)
+    order = torch.randperm(8, generator=generator)
+    image_rows, frequency_rows = order[:4], order[4:]
+    image_masked, _ = histogram_equalised_mask(x[image_rows], SIZE // 16, (0.5, 0.75), generator=generator)
+    frequency_corrupted, _ = frequency_corruption(x[frequency_rows], SIZE // 32, generator=generator)
+    assert torch.equal(used_image_mask, torch.isin(torch.arange(8), image_rows))
+    torch.testing.assert_close(corrupted[image_rows], image_masked, rtol=0, atol=0)
+    torch.testing.assert_close(corrupted[frequency_rows], frequency_corrupted, rtol=0, atol=0)
+
+
+def test_corruption_leftover_sample_when_the_expected_count_is_fractional():
+    """B = 3, p = 0.5: one image-masked sample, one frequency-corrupted, one decided by a coin."""
+    x = torch.rand(3, 1, 32, 32)
+    corruption = FrepaCorruption(spatial_dims=2)
+    corrupted, used_image_mask = corruption(x, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(3, generator=generator)
+    leftover = bool(torch.rand(1, generator=generator) < 0.5)
+    image_masked, _ = histogram_equalised_mask(x[order[:2]], 2, generator=generator)
+    frequency_corrupted, _ = frequency_corruption(x[order[1:]], 1, generator=generator)
+    expected = [image_masked[0], image_masked[1] if leftover else frequency_corrupted[0], frequency_corrupted[1]]
+    for position, row in enumerate(order.tolist()):
+        torch.testing.assert_close(corrupted[row], expected[position], rtol=0, atol=0)
+    assert used_image_mask[order].tolist() == [True, leftover, False]
+
+    # Over many draws every sample is image-masked with probability p, 1 or 2 per batch.
+    choices = torch.stack([corruption(x, torch.Generator().manual_seed(seed))[1] for seed in range(1, 401)])
+    assert set(choices.sum(1).tolist()) == {1, 2}
+    assert torch.all((choices.float().mean(0) - 0.5).abs() < 0.1)  # 4 sigma of 400 draws: 0.1
 
 
 @pytest.mark.parametrize("probability, expect_image", [(0.0, False), (1.0, True)])
@@ -83,20 +103,22 @@ def test_corruption_probability_extremes(images, probability, expect_image):
     )
     assert bool(used_image_mask.all()) == expect_image and bool(used_image_mask.any()) == expect_image
     generator = torch.Generator().manual_seed(0)
-    torch.rand(images.shape[0], generator=generator)
-    image_masked, _ = histogram_equalised_mask(images, 2, generator=generator)
-    frequency_corrupted, _ = frequency_corruption(images, 1, generator=generator)
-    torch.testing.assert_close(corrupted, image_masked if expect_image else frequency_corrupted, rtol=0, atol=0)
+    order = torch.randperm(images.shape[0], generator=generator)
+    if expect_image:
+        expected, _ = histogram_equalised_mask(images[order], 2, generator=generator)
+    else:
+        expected, _ = frequency_corruption(images[order], 1, generator=generator)
+    torch.testing.assert_close(corrupted[order], expected, rtol=0, atol=0)
 
 
 def test_corruption_patch_sizes_follow_the_grids():
     x = torch.rand(2, 1, 64, 64, 64)
     corruption = FrepaCorruption(image_mask_grid=8, spectral_mask_grid=16, image_mask_probability=1.0)
     generator = torch.Generator().manual_seed(0)
-    torch.rand(2, generator=generator)
-    expected, replaced = histogram_equalised_mask(x, 8, generator=generator)
+    order = torch.randperm(2, generator=generator)
+    expected, replaced = histogram_equalised_mask(x[order], 8, generator=generator)
     assert replaced.shape == (2, 8, 8, 8)
-    torch.testing.assert_close(corruption(x, torch.Generator().manual_seed(0))[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(corruption(x, torch.Generator().manual_seed(0))[0][order], expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="spectral_mask_grid"):
         FrepaCorruption(spectral_mask_grid=32).frequency(torch.rand(1, 1, 48, 48, 48))
 

@@ -174,12 +174,33 @@ def test_spectral_patch_mask_rejects_patch_that_does_not_tile():
 
 
 # ---------------------------------------------------------------- low-frequency perturbation
+def hermitian_noise(half: np.ndarray, spatial: tuple[int, ...]) -> np.ndarray:
+    """Full fftn-layout noise from its rfftn-layout draw, one coefficient at a time.
+
+    k in the drawn half: n(k) / sqrt(2), or the Hermitian part (n(k) + conj n(-k)) / 2 when -k is
+    in the half too; k outside it: the conjugate of the value at -k.
+    """
+    full = np.zeros(half.shape[:-1] + (spatial[-1],), dtype=complex)
+    drawn_length = spatial[-1] // 2 + 1
+    for k in itertools.product(*[range(n) for n in spatial]):
+        minus_k = tuple((n - i) % n for i, n in zip(k, spatial))
+        if k[-1] < drawn_length and minus_k[-1] < drawn_length:
+            value = (half[(..., *k)] + np.conj(half[(..., *minus_k)])) / 2
+        elif k[-1] < drawn_length:
+            value = half[(..., *k)] / np.sqrt(2)
+        else:
+            value = np.conj(half[(..., *minus_k)]) / np.sqrt(2)
+        full[(..., *k)] = value
+    return full
+
+
 def draw_perturbation(g, shape, sigma_mean, sigma_std, radius_range):
-    b = shape[0]
+    b, spatial = shape[0], tuple(shape[2:])
     scale = (sigma_mean + sigma_std * torch.randn(b, generator=g)).abs().numpy()
     low, high = radius_range
     radius = (low + (high - low) * torch.rand(b, generator=g)).numpy()
-    noise = torch.randn(shape, dtype=torch.complex64, generator=g).numpy()  # fftn layout
+    half_shape = (*shape[:-1], shape[-1] // 2 + 1)
+    noise = hermitian_noise(torch.randn(half_shape, dtype=torch.complex64, generator=g).numpy(), spatial)
     return scale, radius, np.fft.fftshift(noise, axes=tuple(range(2, len(shape))))
 
 

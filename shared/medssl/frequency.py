@@ -11,7 +11,9 @@ Conventions shared by all functions:
   size n, index i holds frequency i for i < (n + 1) // 2, else i - n), so no full-size shift is
   ever made. Patches of the spectrum, the protected core and windows are defined on the
   *centred* spectrum ``fftshift(fftn(x))``, where index j holds ``k = j - n // 2``; only these
-  small masks are moved between the layouts.
+  small masks are moved between the layouts. The work itself is done on the half spectrum of
+  ``torch.fft.rfftn`` (last axis n // 2 + 1 long), the other half being the mirror image of a
+  real image's spectrum: half the FFT, noise and memory of full complex spectra.
 - Frequency distances are in *frequency-index units at a reference size* (512, the official 2D
   image size): along an axis of size n, frequency k counts as ``k * reference_size / n``. The
   official cut-offs (d0 = 10..50 on 512 images) therefore keep the same place in the spectrum,
@@ -19,7 +21,8 @@ Conventions shared by all functions:
   ``reference_size=None`` to measure in the array's own index units.
 - The corruptions end with the real part of the inverse FFT, as the official code does. The
   output's spectrum is therefore the Hermitian-symmetric part of the modified spectrum: a
-  coefficient zeroed at k whose mirror -k was kept keeps half of its amplitude.
+  coefficient zeroed at k whose mirror -k was kept keeps half of its amplitude. That part is
+  computed directly on the half spectrum and inverted with ``irfftn``.
 """
 
 from __future__ import annotations
@@ -105,12 +108,24 @@ def _mirror(values: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     return torch.roll(torch.flip(values, axes), (1,) * spatial_dims, axes)
 
 
-def _fft(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    return torch.fft.fftn(x, dim=_spatial_axes(spatial_dims))
+def _half_spectrum(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """rfftn of a real image: the k with a non-negative last frequency; the rest is their mirror."""
+    return torch.fft.rfftn(x, dim=_spatial_axes(spatial_dims))
 
 
-def _real_inverse(spectrum: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    return torch.fft.ifftn(spectrum, dim=_spatial_axes(spatial_dims)).real
+def _real_image(half_spectrum: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """The real image of a Hermitian spectrum given by its rfftn half."""
+    return torch.fft.irfftn(half_spectrum, s=tuple(spatial_shape), dim=_spatial_axes(len(spatial_shape)))
+
+
+def _half(values: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """The rfftn-layout part (last axis n // 2 + 1 long) of an fftn-layout array."""
+    return values[..., : spatial_shape[-1] // 2 + 1]
+
+
+def _self_mirrored_planes(n: int) -> list[int]:
+    """Indices of the last rfftn axis that are their own mirror: frequency 0, and Nyquist when n is even."""
+    return [0] if n % 2 else [0, n // 2]
 
 
 def frequency_radius(
@@ -206,62 +221,126 @@ def _protected_core(
 @functools.lru_cache(maxsize=32)
 def _spectral_patch_lookup(
     spatial_shape: tuple[int, ...], patch: tuple[int, ...], device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    """Per axis, the spectral patch of every fftn-layout index."""
-    return tuple(_spectral_patch_index(n, p, device) for n, p in zip(spatial_shape, patch))
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Per axis, the spectral patch of every fftn-layout index, of every rfftn-layout index, and of
+    the mirror -k of every rfftn-layout index k."""
+    full = [_spectral_patch_index(n, p, device) for n, p in zip(spatial_shape, patch)]
+    mirrored = [of_index[(-torch.arange(n, device=device)) % n] for of_index, n in zip(full, spatial_shape)]
+    half_length = spatial_shape[-1] // 2 + 1
+    half = full[:-1] + [full[-1][:half_length]]
+    mirrored[-1] = mirrored[-1][:half_length]
+    return tuple(full), tuple(half), tuple(mirrored)
+
+
+def _patch_values(per_patch: torch.Tensor, patch_of_index: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, *grid) -> (B, *coefficients): one axis at a time, so only the last gather is full size."""
+    for axis, lookup in enumerate(patch_of_index):
+        per_patch = per_patch.index_select(axis + 1, lookup)
+    return per_patch
+
+
+def _per_coefficient(values: torch.Tensor, spectrum: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """(B, *spatial) -> (B, 1, ..., *spatial), broadcastable over the channels of a (B, C, *spatial) spectrum."""
+    return values.reshape(values.shape[0], *[1] * (spectrum.ndim - spatial_dims - 1), *values.shape[1:])
+
+
+def _scale_spectrum(spectrum: torch.Tensor, factor: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    """spectrum (B, C, *spatial) complex times a real factor (B, *spatial), without promoting the factor to complex."""
+    as_pairs = torch.view_as_real(spectrum) * _per_coefficient(factor, spectrum, spatial_dims).unsqueeze(-1)
+    return torch.view_as_complex(as_pairs)
 
 
 def _mask_spectral_patches(
-    spectrum: torch.Tensor,
-    spatial_dims: int,
+    half_spectrum: torch.Tensor,
+    spatial_shape: tuple[int, ...],
     patch_size: int | Sequence[int],
     ratio_range: Sequence[float],
     protected_radius: float,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero random spectral patches of a spectrum (B, C, *spatial); returns it and the keep mask."""
-    spatial_shape = tuple(spectrum.shape[-spatial_dims:])
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero random spectral patches of an rfftn half spectrum (B, C, *half).
+
+    Returns the half spectrum of the real image that is left, the keep mask (B, *spatial) in fftn
+    layout, and (B, *half) bool, True where k or its mirror -k was kept.
+    """
+    spatial_dims = len(spatial_shape)
     patch, grid = _patch_grid(spatial_shape, patch_size, "patch_size")
-    batch_size, device = spectrum.shape[0], spectrum.device
+    batch_size, device = half_spectrum.shape[0], half_spectrum.device
     ratio = _uniform(ratio_range, batch_size, device, generator, "ratio_range")
     draws = torch.rand(batch_size, *grid, device=device, generator=generator)
-    masked = draws < ratio.reshape(-1, *[1] * spatial_dims)  # (B, *grid)
-    # One axis at a time (B, *grid) -> (B, *spatial): only the last gather is full size.
-    for axis, patch_of_index in enumerate(_spectral_patch_lookup(spatial_shape, patch, device)):
-        masked = masked.index_select(axis + 1, patch_of_index)
-    keep = ~masked | _protected_core(spatial_shape, patch, protected_radius, device)
-    keep_per_channel = keep.reshape(batch_size, *[1] * (spectrum.ndim - spatial_dims - 1), *spatial_shape)
-    return torch.where(keep_per_channel, spectrum, 0), keep
+    kept_patch = draws >= ratio.reshape(-1, *[1] * spatial_dims)  # (B, *grid)
+    core = _protected_core(spatial_shape, patch, protected_radius, device)
+    core_half = _half(core, spatial_shape)  # the core is its own mirror
+    full, half, mirrored = _spectral_patch_lookup(spatial_shape, patch, device)
+    keep = _patch_values(kept_patch, full) | core
+    keep_half = _patch_values(kept_patch, half) | core_half
+    keep_mirrored = _patch_values(kept_patch, mirrored) | core_half
+    # The real part of the inverse keeps the Hermitian part of the masked spectrum:
+    # F(k) * (keep(k) + keep(-k)) / 2.
+    real_dtype = half_spectrum.real.dtype
+    weight = (keep_half.to(real_dtype) + keep_mirrored.to(real_dtype)) * 0.5
+    masked = _scale_spectrum(half_spectrum, weight, spatial_dims)
+    return masked, keep, keep_half | keep_mirrored
+
+
+def _peak_magnitude(half_spectrum: torch.Tensor, spatial_dims: int, support: torch.Tensor | None = None) -> torch.Tensor:
+    """max |F| per sample over its channels and the whole spectrum (B,); only where ``support`` when given."""
+    magnitude = half_spectrum.abs()
+    if support is not None:
+        magnitude = magnitude * _per_coefficient(support, half_spectrum, spatial_dims)
+    return magnitude.amax(dim=tuple(range(1, half_spectrum.ndim)))
 
 
 @functools.lru_cache(maxsize=32)
 def _relative_radius_sq(spatial_shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """sum_i (k_i / n_i)^2, fftn layout: a window of std d in it has std d * n_i per axis."""
-    return frequency_radius(spatial_shape, device, reference_size=1) ** 2
+    """sum_i (k_i / n_i)^2, rfftn layout: a window of std d in it has std d * n_i per axis."""
+    return frequency_radius(spatial_shape, device, reference_size=1, onesided=True) ** 2
+
+
+def _hermitian_noise(
+    shape: Sequence[int], spatial_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """rfftn half (B, C, *half) of a Hermitian complex Gaussian field with E|n(k)|^2 = 1/2.
+
+    That is the distribution of the Hermitian part (n(k) + conj n(-k)) / 2 of circular noise of
+    unit variance, which is all of it the real part of an inverse FFT keeps. On the planes of
+    the last axis that are their own mirror (frequency 0, and Nyquist for an even size) the
+    Hermitian part is taken explicitly, so every FFT backend reads the same field.
+    """
+    noise = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
+    planes = _self_mirrored_planes(spatial_shape[-1])
+    in_planes = noise[..., planes]
+    mirror_axes = tuple(range(-len(spatial_shape), -1))
+    if mirror_axes:
+        mirrored = torch.roll(torch.flip(in_planes, mirror_axes), (1,) * len(mirror_axes), mirror_axes)
+    else:
+        mirrored = in_planes
+    noise.mul_(0.5**0.5)
+    noise[..., planes] = (in_planes + mirrored.conj()) * 0.5
+    return noise
 
 
 def _perturb_low_frequencies(
-    spectrum: torch.Tensor,
-    spatial_dims: int,
+    half_spectrum: torch.Tensor,
+    spatial_shape: tuple[int, ...],
+    peak: torch.Tensor,
     sigma_mean: float,
     sigma_std: float,
     radius_range: Sequence[float],
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Add Gaussian-windowed complex noise to a spectrum (B, C, *spatial), DC excluded."""
-    spatial_shape = tuple(spectrum.shape[-spatial_dims:])
-    batch_size, device = spectrum.shape[0], spectrum.device
-    per_sample = (batch_size, *[1] * (spectrum.ndim - 1))
+    """Add Gaussian-windowed noise to an rfftn half spectrum (B, C, *half), DC excluded; peak: (B,) max|F|."""
+    spatial_dims = len(spatial_shape)
+    batch_size, device = half_spectrum.shape[0], half_spectrum.device
     scale = (sigma_mean + sigma_std * torch.randn(batch_size, device=device, generator=generator)).abs()
     radius = _uniform(radius_range, batch_size, device, generator, "radius_range")
-    # Circular complex Gaussian with E|n|^2 = 1 (real and imaginary parts each of variance 1/2).
-    noise = torch.randn(spectrum.shape, dtype=spectrum.dtype, device=device, generator=generator)
-    peak = spectrum.abs().amax(dim=tuple(range(1, spectrum.ndim)))
-    relative_sq = _relative_radius_sq(spatial_shape, device)
-    window = torch.exp(-0.5 * relative_sq / radius.reshape(-1, *[1] * spatial_dims) ** 2)
-    window = torch.where(relative_sq > 0, window, 0.0)  # DC stays untouched
-    window = window.reshape(batch_size, *[1] * (spectrum.ndim - spatial_dims - 1), *spatial_shape)
-    return spectrum + (scale * peak).reshape(per_sample) * window * noise
+    noise = _hermitian_noise(half_spectrum.shape, spatial_shape, half_spectrum.dtype, device, generator)
+    per_sample = (-1, *[1] * spatial_dims)
+    window = torch.exp(_relative_radius_sq(spatial_shape, device) * (-0.5 / radius.reshape(per_sample) ** 2))
+    window[(slice(None), *[0] * spatial_dims)] = 0.0  # DC stays untouched
+    amplitude = window.mul_((scale * peak).reshape(per_sample))  # (B, *half)
+    return half_spectrum + _scale_spectrum(noise, amplitude, spatial_dims)
 
 
 def spectral_patch_mask(
@@ -291,9 +370,12 @@ def spectral_patch_mask(
         (``torch.fft.fftshift(keep, dim=spatial axes)`` shows it centred).
     """
     spatial_dims = _check_spatial_dims(x, spatial_dims)
-    spectrum = _fft(_as_fft_input(x), spatial_dims)
-    spectrum, keep = _mask_spectral_patches(spectrum, spatial_dims, patch_size, ratio_range, protected_radius, generator)
-    return _real_inverse(spectrum, spatial_dims).to(x.dtype), keep
+    spatial_shape = tuple(x.shape[-spatial_dims:])
+    spectrum = _half_spectrum(_as_fft_input(x), spatial_dims)
+    spectrum, keep, _ = _mask_spectral_patches(
+        spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator
+    )
+    return _real_image(spectrum, spatial_shape).to(x.dtype), keep
 
 
 def low_frequency_perturbation(
@@ -309,17 +391,21 @@ def low_frequency_perturbation(
     Per sample s = |N(sigma_mean, sigma_std)| and d ~ U(radius_range); the noise at frequency k
     is s * max|F| * exp(-sum_i k_i^2 / (2 (d * n_i)^2)) * n(k), n a circular complex Gaussian of
     unit variance and max|F| taken over the sample's channels. DC gets no noise, so the mean
-    is kept. The official code adds real noise; after the real part both give the same
-    expected perturbation energy.
+    is kept. Only the Hermitian part of the noise reaches the real image, so it is drawn as
+    that (see ``_hermitian_noise``), on the rfftn half of the spectrum. The official code adds
+    real noise; after the real part both give the same expected perturbation energy.
 
-    Random draws, in order: s (B,), d (B,), the complex noise (B, C, *spatial) in fftn layout.
+    Random draws, in order: s (B,), d (B,), the complex noise (B, C, *spatial[:-1],
+    spatial[-1] // 2 + 1) in rfftn layout.
 
     Returns the perturbed image (B, C, *spatial) in x's dtype.
     """
     spatial_dims = _check_spatial_dims(x, spatial_dims)
-    spectrum = _fft(_as_fft_input(x), spatial_dims)
-    spectrum = _perturb_low_frequencies(spectrum, spatial_dims, sigma_mean, sigma_std, radius_range, generator)
-    return _real_inverse(spectrum, spatial_dims).to(x.dtype)
+    spatial_shape = tuple(x.shape[-spatial_dims:])
+    spectrum = _half_spectrum(_as_fft_input(x), spatial_dims)
+    peak = _peak_magnitude(spectrum, spatial_dims)
+    spectrum = _perturb_low_frequencies(spectrum, spatial_shape, peak, sigma_mean, sigma_std, radius_range, generator)
+    return _real_image(spectrum, spatial_shape).to(x.dtype)
 
 
 def frequency_corruption(
@@ -335,15 +421,20 @@ def frequency_corruption(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frepa's frequency corruption: spectral patch masking, then low-frequency perturbation.
 
-    Both act on one centred spectrum with a single FFT pair, as in the official code (so
-    max|F| of the perturbation is taken after masking). Same arguments, draws (masking's first)
-    and outputs as :func:`spectral_patch_mask` followed by :func:`low_frequency_perturbation`.
+    Both act on one spectrum with a single FFT pair, as in the official code, so max|F| of the
+    perturbation is that of the masked spectrum (before its Hermitian part is taken). Same
+    arguments, draws (masking's first) and outputs as :func:`spectral_patch_mask` followed by
+    :func:`low_frequency_perturbation`.
     """
     spatial_dims = _check_spatial_dims(x, spatial_dims)
-    spectrum = _fft(_as_fft_input(x), spatial_dims)
-    spectrum, keep = _mask_spectral_patches(spectrum, spatial_dims, patch_size, ratio_range, protected_radius, generator)
-    spectrum = _perturb_low_frequencies(spectrum, spatial_dims, sigma_mean, sigma_std, radius_range, generator)
-    return _real_inverse(spectrum, spatial_dims).to(x.dtype), keep
+    spatial_shape = tuple(x.shape[-spatial_dims:])
+    spectrum = _half_spectrum(_as_fft_input(x), spatial_dims)
+    masked, keep, kept_either = _mask_spectral_patches(
+        spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator
+    )
+    peak = _peak_magnitude(spectrum, spatial_dims, support=kept_either)  # |F(-k)| = |F(k)|
+    masked = _perturb_low_frequencies(masked, spatial_shape, peak, sigma_mean, sigma_std, radius_range, generator)
+    return _real_image(masked, spatial_shape).to(x.dtype), keep
 
 
 def histogram_equalised_mask(

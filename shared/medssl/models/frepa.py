@@ -165,16 +165,44 @@ class FrepaCorruption(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Corrupt every sample of (B, C, *spatial) once.
 
-        Random draws, in order: the per-sample choice (B,) uniforms, then the image masking's,
-        then the frequency corruption's. Both corruptions are computed for the whole batch and
-        picked per sample, so no sample count depends on the data.
+        Each sample gets image masking with probability ``image_mask_probability`` (p), and each
+        corruption runs only on the samples that get it: a random permutation of the batch gives
+        its first floor(pB) samples image masking and the rest the frequency corruption, except
+        the sample at position floor(pB), which, when pB is not whole, gets image masking with
+        probability pB - floor(pB) (both corruptions are computed for it alone). So a batch holds
+        floor(pB) or ceil(pB) image-masked samples, no count depends on the data, and nothing
+        waits for the device.
+
+        Random draws, in order: the permutation (B,), the leftover choice (1,) when pB is not
+        whole, then the image masking's draws for its samples (in permutation order), then the
+        frequency corruption's for its samples.
 
         Returns the corrupted images (B, C, *spatial) and (B,) bool, True where image masking was used.
         """
-        use_image_mask = torch.rand(x.shape[0], device=x.device, generator=generator) < self.image_mask_probability
-        image_masked = self.image_mask(x, generator)
-        frequency_corrupted = self.frequency(x, generator)
-        return torch.where(_per_sample(use_image_mask, x), image_masked, frequency_corrupted), use_image_mask
+        batch_size, device = x.shape[0], x.device
+        order = torch.randperm(batch_size, device=device, generator=generator)
+        expected = self.image_mask_probability * batch_size
+        image_count = min(math.floor(expected), batch_size)
+        undecided = expected > image_count
+        if undecided:
+            leftover = torch.rand(1, device=device, generator=generator) < expected - image_count
+        image_rows, frequency_rows = order[: image_count + undecided], order[image_count:]
+
+        corrupted = torch.empty_like(x)
+        used_image_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        if len(image_rows):
+            image_masked = self.image_mask(x.index_select(0, image_rows), generator)
+            corrupted.index_copy_(0, image_rows, image_masked)
+            used_image_mask.index_fill_(0, image_rows, True)
+        if len(frequency_rows):
+            frequency_corrupted = self.frequency(x.index_select(0, frequency_rows), generator)
+            corrupted.index_copy_(0, frequency_rows, frequency_corrupted)
+        if undecided:
+            row = order[image_count : image_count + 1]
+            chosen = torch.where(_per_sample(leftover, x[:1]), image_masked[-1:], frequency_corrupted[:1])
+            corrupted.index_copy_(0, row, chosen)
+            used_image_mask.index_copy_(0, row, leftover)
+        return corrupted, used_image_mask
 
 
 def feature_geometry(encoder: nn.Module, feature_index: int = -1) -> tuple[int, int]:
