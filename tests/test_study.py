@@ -131,3 +131,17 @@ def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
         assert evaluate.overrides["num_val"] == preset.test_pool.num
     assert {k for _, k, _ in runs} == set(preset.label_counts) | set(preset.probe_label_counts)
     assert len({seed for _, _, seed in runs}) == len(preset.seeds)
+
+
+def test_selection_narrows_the_grid_and_refuses_values_outside_the_preset():
+    parser = study.argparse.ArgumentParser()
+    preset = study.PRESETS["small"]
+    args = study.argparse.Namespace(size="small", methods=["hiend_mae"], label_counts=[1], probe_label_counts=[])
+    selected = study.run_selection(parser, preset, args)
+    assert selected == study.Selection(("hiend_mae",), (1,), (), preset.seeds)
+    network = {"network_kind": "vit", "encoder_size": "tiny", "roi_size": [64, 64, 64], "encoder_args": {}}
+    runs = study.fine_tuning_runs(selected, study.plan_starts({"hiend_mae": network}))
+    assert [(start.mode, k) for start, k, _ in runs] == [("scratch", 1), ("finetune", 1)] * len(preset.seeds)
+    with pytest.raises(SystemExit):
+        study.run_selection(parser, preset, study.argparse.Namespace(
+            size="small", methods=None, label_counts=[3], probe_label_counts=None))
