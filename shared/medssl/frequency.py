@@ -102,10 +102,10 @@ def _spectral_patch_index(n: int, p: int, device: torch.device) -> torch.Tensor:
     return centred // p
 
 
-def _mirror(values: torch.Tensor, spatial_dims: int) -> torch.Tensor:
-    """Value at -k for every frequency k, in fftn layout (index i <-> (n - i) mod n on every axis)."""
-    axes = _spatial_axes(spatial_dims)
-    return torch.roll(torch.flip(values, axes), (1,) * spatial_dims, axes)
+def _mirror(values: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
+    """Value at -k for every frequency k along ``axes``, in fftn layout (index i <-> (n - i) mod n)."""
+    axes = tuple(axes)
+    return torch.roll(torch.flip(values, axes), (1,) * len(axes), axes) if axes else values
 
 
 def _half_spectrum(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
@@ -215,7 +215,7 @@ def _protected_core(
         shape[axis] = n
         core = core & in_band[_spectral_patch_index(n, p, device)].reshape(shape)
     # Close the set under k -> -k so the real part of the inverse leaves it exactly unchanged.
-    return core | _mirror(core, len(spatial_shape))
+    return core | _mirror(core, _spatial_axes(len(spatial_shape)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -311,11 +311,7 @@ def _hermitian_noise(
     noise = torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
     planes = _self_mirrored_planes(spatial_shape[-1])
     in_planes = noise[..., planes]
-    mirror_axes = tuple(range(-len(spatial_shape), -1))
-    if mirror_axes:
-        mirrored = torch.roll(torch.flip(in_planes, mirror_axes), (1,) * len(mirror_axes), mirror_axes)
-    else:
-        mirrored = in_planes
+    mirrored = _mirror(in_planes, _spatial_axes(len(spatial_shape))[:-1])  # -k stays in its plane
     noise.mul_(0.5**0.5)
     noise[..., planes] = (in_planes + mirrored.conj()) * 0.5
     return noise
