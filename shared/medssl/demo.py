@@ -80,10 +80,16 @@ def read_metric(metrics_csv: Path, name: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labels", type=int, default=2, help="labelled training scans for fine-tuning")
+    parser.add_argument("--labels", type=int, default=1, help="labelled training scans for fine-tuning")
+    parser.add_argument("--steps", type=int, default=120,
+                        help="fine-tuning optimiser steps (a multiple of --labels; at 20 both starts learn only "
+                             "the large organs, docs/study_findings.md)")
     parser.add_argument("--out", default="runs/demo", help="folder for the fine-tuning runs (relative to the repository)")
     parser.add_argument("--held-out", type=int, default=4, help="held-out phantom scans to evaluate on")
     args = parser.parse_args(argv)
+    if args.steps % args.labels:
+        parser.error(f"--steps {args.steps} is not a multiple of --labels {args.labels}: an epoch is one step per scan")
+    epochs = args.steps // args.labels
 
     root = repository_root()
     pretrain, finetune = root / "bundles" / "hiend_mae", root / "bundles" / "seg_finetune"
@@ -96,15 +102,17 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = out / start
         common = ["--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "eval"),
                   "--data_root", str(out / "data"), "--label_count", str(args.labels)]
+        budget = ["--epochs", str(epochs), "--warmup_epochs", str(max(1, epochs // 10)),
+                  "--val_interval", str(max(1, epochs // 6))]
         source = ["--pretrained#bundle_name", "hiend_mae", "--pretrained#bundle_dir", str(root / "bundles")]
-        times[f"fine-tuning ({start})"] = run_bundle(finetune, DEMO_CONFIGS, *common,
+        times[f"fine-tuning ({start})"] = run_bundle(finetune, DEMO_CONFIGS, *common, *budget,
                                                      *(source if start == "pretrained" else []))
         run_bundle(finetune, EVALUATE_CONFIGS, *common[:2], "--output_dir", str(run_dir / "held_out"),
                    "--dataset_dir", str(held_out), "--num_val", str(args.held_out))
         dice[start] = read_metric(run_dir / "held_out" / "metrics.csv", "val_mean_dice")
 
     print(f"\nMean foreground Dice on {args.held_out} held-out phantoms (UNETR, ViT-tiny encoder, "
-          f"{args.labels} labelled phantom scans, same fine-tuning budget):")
+          f"{args.labels} labelled phantom scan(s), {args.steps} fine-tuning steps for both):")
     print(f"  from Hi-End-MAE pretraining: {dice['pretrained']:.4f}")
     print(f"  from scratch:                {dice['scratch']:.4f}")
     print("Wall time: " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in times.items()))
