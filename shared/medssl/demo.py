@@ -7,7 +7,8 @@
    pick a checkpoint) and print their mean foreground Dice.
 
 Every step is the bundle's own MONAI CLI command, printed before it runs, so it can be re-run by
-hand. Outputs go to runs/demo/ (pretraining to bundles/hiend_mae/models, as a user's run would).
+hand. Outputs go to runs/demo/; its run folders are emptied first, because the bundles resume
+from the newest checkpoint in their folder and a run of other settings must not be continued.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -94,7 +96,11 @@ def main(argv: list[str] | None = None) -> None:
     root = repository_root()
     pretrain, finetune = root / "bundles" / "hiend_mae", root / "bundles" / "seg_finetune"
     out = (root / args.out).resolve()
-    times = {"pretraining": run_bundle(pretrain, DEMO_CONFIGS)}
+    for previous in ("hiend_mae", "pretrained", "scratch"):
+        shutil.rmtree(out / previous, ignore_errors=True)
+    weights = out / "hiend_mae" / "models" / "model.pt"
+    times = {"pretraining": run_bundle(pretrain, DEMO_CONFIGS, "--ckpt_dir", str(weights.parent),
+                                       "--output_dir", str(out / "hiend_mae" / "eval"))}
     held_out = default_dataset(out / "held_out", num=args.held_out, seed=HELD_OUT_PHANTOM_SEED, shape=(96, 96, 96))
 
     dice = {}
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                   "--data_root", str(out / "data"), "--label_count", str(args.labels)]
         budget = ["--epochs", str(epochs), "--warmup_epochs", str(max(1, epochs // 10)),
                   "--val_interval", str(max(1, epochs // 6))]
-        source = ["--pretrained#bundle_name", "hiend_mae", "--pretrained#bundle_dir", str(root / "bundles")]
+        source = ["--pretrained#model_path", str(weights)]
         times[f"fine-tuning ({start})"] = run_bundle(finetune, DEMO_CONFIGS, *common, *budget,
                                                      *(source if start == "pretrained" else []))
         run_bundle(finetune, EVALUATE_CONFIGS, *common[:2], "--output_dir", str(run_dir / "held_out"),
