@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> None:
                                        "--output_dir", str(out / "hiend_mae" / "eval"))}
     held_out = default_dataset(out / "held_out", num=args.held_out, seed=HELD_OUT_PHANTOM_SEED, shape=(96, 96, 96))
 
+    budget = ["--epochs", str(epochs), "--warmup_epochs", str(max(1, epochs // 10)),
+              "--val_interval", str(max(1, epochs // 6))]
+    source = ["--pretrained#model_path", str(weights)]
     dice = {}
     for start in ("pretrained", "scratch"):
         run_dir = out / start
         common = ["--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "eval"),
                   "--data_root", str(out / "data"), "--label_count", str(args.labels)]
-        budget = ["--epochs", str(epochs), "--warmup_epochs", str(max(1, epochs // 10)),
-                  "--val_interval", str(max(1, epochs // 6))]
-        source = ["--pretrained#model_path", str(weights)]
         times[f"fine-tuning ({start})"] = run_bundle(finetune, DEMO_CONFIGS, *common, *budget,
                                                      *(source if start == "pretrained" else []))
         run_bundle(finetune, EVALUATE_CONFIGS, *common[:2], "--output_dir", str(run_dir / "held_out"),

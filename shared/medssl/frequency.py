@@ -222,14 +222,12 @@ def _protected_core(
 def _spectral_patch_lookup(
     spatial_shape: tuple[int, ...], patch: tuple[int, ...], device: torch.device
 ) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """Per axis, the spectral patch of every fftn-layout index, of every rfftn-layout index, and of
-    the mirror -k of every rfftn-layout index k."""
+    """Per axis, the spectral patch of every fftn-layout index, and of the mirror -k of every
+    rfftn-layout index k."""
     full = [_spectral_patch_index(n, p, device) for n, p in zip(spatial_shape, patch)]
     mirrored = [of_index[(-torch.arange(n, device=device)) % n] for of_index, n in zip(full, spatial_shape)]
-    half_length = spatial_shape[-1] // 2 + 1
-    half = full[:-1] + [full[-1][:half_length]]
-    mirrored[-1] = mirrored[-1][:half_length]
-    return tuple(full), tuple(half), tuple(mirrored)
+    mirrored[-1] = _half(mirrored[-1], spatial_shape)
+    return tuple(full), tuple(mirrored)
 
 
 def _patch_values(per_patch: torch.Tensor, patch_of_index: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -271,9 +269,9 @@ def _mask_spectral_patches(
     kept_patch = draws >= ratio.reshape(-1, *[1] * spatial_dims)  # (B, *grid)
     core = _protected_core(spatial_shape, patch, protected_radius, device)
     core_half = _half(core, spatial_shape)  # the core is its own mirror
-    full, half, mirrored = _spectral_patch_lookup(spatial_shape, patch, device)
+    full, mirrored = _spectral_patch_lookup(spatial_shape, patch, device)
     keep = _patch_values(kept_patch, full) | core
-    keep_half = _patch_values(kept_patch, half) | core_half
+    keep_half = _half(keep, spatial_shape)
     keep_mirrored = _patch_values(kept_patch, mirrored) | core_half
     # The real part of the inverse keeps the Hermitian part of the masked spectrum:
     # F(k) * (keep(k) + keep(-k)) / 2.

@@ -182,7 +182,7 @@ class FrepaCorruption(nn.Module):
         batch_size, device = x.shape[0], x.device
         order = torch.randperm(batch_size, device=device, generator=generator)
         expected = self.image_mask_probability * batch_size
-        image_count = min(math.floor(expected), batch_size)
+        image_count = math.floor(expected)
         undecided = expected > image_count
         if undecided:
             leftover = torch.rand(1, device=device, generator=generator) < expected - image_count
