@@ -1,5 +1,7 @@
 """Engine pieces: schedule, clipping, non-finite loss stop, evaluation means, figures, best model and AMP resume."""
 
+import json
+import logging
 import math
 import os
 import socket
@@ -288,3 +290,53 @@ def test_each_process_of_a_distributed_run_resumes_its_own_random_stream(tmp_pat
     for rank in ranks:
         assert torch.equal(rank["resumed"], rank["expected"])
     assert not torch.equal(ranks[0]["resumed"], ranks[1]["resumed"])
+
+
+def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path):
+    def run(settings: dict, epochs: int = 1) -> SupervisedTrainer:
+        network = LossNet()
+        engine = trainer(network, epochs=epochs)
+        ResumableCheckpoint(tmp_path, {"model": network}, settings=settings).attach(engine)
+        engine.run()
+        return engine
+
+    run({"learning_rate": 0.1, "label_count": 2})
+    saved = torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)
+    assert json.loads(saved["settings"]["json"]) == {"learning_rate": 0.1, "label_count": 2}
+    refusal = r"checkpoint_epoch=1\.pt was written with other settings \(label_count: 2 -> 1\).*another ckpt_dir"
+    with pytest.raises(ValueError, match=refusal):
+        run({"learning_rate": 0.1, "label_count": 1}, epochs=2)
+    assert run({"learning_rate": 0.1, "label_count": 2}, epochs=2).state.epoch == 2  # same settings resume
+
+
+def test_a_checkpoint_without_settings_resumes_with_a_warning(tmp_path, caplog):
+    network = LossNet()
+    engine = trainer(network)
+    ResumableCheckpoint(tmp_path, {"model": network}).attach(engine)
+    engine.run()
+    checkpoint = tmp_path / "checkpoint_epoch=1.pt"
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved["settings"]  # as written before settings were recorded
+    torch.save(saved, checkpoint)
+    more = LossNet()
+    engine = trainer(more, epochs=2)
+    with caplog.at_level(logging.WARNING, logger="medssl.engine"):
+        ResumableCheckpoint(tmp_path, {"model": more}, settings={"seed": 0}).attach(engine)
+    assert "records no settings" in caplog.text
+    engine.run()
+    assert more.calls == 2 and engine.state.epoch == 2
+
+
+def test_a_checkpoint_of_another_epoch_length_is_refused(tmp_path):
+    network = LossNet()
+    engine = trainer(network)  # 2 iterations per epoch
+    ResumableCheckpoint(tmp_path, {"model": network}).attach(engine)
+    engine.run()
+    other = LossNet()
+    longer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=2, train_data_loader=loader(8), network=other,
+        optimizer=torch.optim.SGD(other.parameters(), lr=0.1), loss_function=network_loss, decollate=False,
+    )
+    refusal = r"checkpoint_epoch=1\.pt was written by a run of 2 iterations per epoch, this run has 4"
+    with pytest.raises(ValueError, match=refusal):
+        ResumableCheckpoint(tmp_path, {"model": other}).attach(longer)

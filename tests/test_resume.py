@@ -1,4 +1,5 @@
-"""Kill a real training run with SIGKILL mid-epoch, run the same command again: nothing is lost.
+"""Kill a real training run with SIGKILL mid-epoch, run the same command again: nothing is lost;
+run it with another learning rate: the checkpoint is refused.
 
 Every bundle that trains is run three times through ``python -m monai.bundle run`` (MONAI's CLI
 entry point, executed in a fresh process per run): once to the end, once killed with SIGKILL
@@ -129,3 +130,9 @@ def test_sigkill_mid_epoch_then_same_command_gives_the_uninterrupted_run(bundle,
     assert sorted(p.name for p in (interrupted / "models").glob("checkpoint*.pt")) == ["checkpoint_epoch=2.pt"]
     checkpoint = torch.load(interrupted / "models" / "checkpoint_epoch=2.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 4 and checkpoint["evaluator"]["best_metric_epoch"] in (1, 2)
+
+    changed_log = tmp_path / "changed.log"  # the same folder run on with another learning rate is refused
+    other_rate = [*arguments(bundle, interrupted, phantom_dataset), "--epochs", "3", "--learning_rate", "0.5"]
+    changed = cli(other_rate, changed_log)
+    changed.join(timeout=600)
+    assert changed.exitcode != 0 and "was written with other settings (learning_rate: " in changed_log.read_text()

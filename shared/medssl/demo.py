@@ -7,8 +7,9 @@
    pick a checkpoint) and print their mean foreground Dice.
 
 Every step is the bundle's own MONAI CLI command, printed before it runs, so it can be re-run by
-hand. Outputs go to runs/demo/; its run folders are emptied first, because the bundles resume
-from the newest checkpoint in their folder and a run of other settings must not be continued.
+hand. Outputs go to runs/demo/; its run folders are emptied first so that every demo trains
+afresh: the bundles resume from the newest checkpoint in their folder (and refuse one written
+with other settings).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ Networks that can draw a reconstruction figure also provide ``figure_panels(imag
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "latest_checkpoint",
     "RNGState",
     "BestMetricState",
+    "RunSettings",
     "BestModelCheckpoint",
     "ResumableCheckpoint",
 ]
@@ -358,6 +360,32 @@ def _unwrapped(obj: Any) -> Any:
     return obj.module if isinstance(obj, wrappers) else obj
 
 
+class RunSettings:
+    """A run's settings as a checkpointable object: JSON text, loadable with ``weights_only=True``.
+
+    Args:
+        settings: JSON values by name, e.g. {"learning_rate": 1e-4, "seed": 0}.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.text = json.dumps(settings, sort_keys=True)
+
+    def state_dict(self) -> dict:
+        return {"json": self.text}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: the command's settings are the run's; see :meth:`differences`."""
+
+    def differences(self, saved: dict) -> list[str]:
+        """``"name: saved -> this run's"`` for every setting that differs from a saved state_dict."""
+        before, now = json.loads(saved["json"]), json.loads(self.text)
+        return [
+            f"{name}: {json.dumps(before.get(name))} -> {json.dumps(now.get(name))}"
+            for name in sorted(before.keys() | now.keys())
+            if before.get(name) != now.get(name)
+        ]
+
+
 class ResumableCheckpoint:
     """Save a resumable checkpoint every ``interval`` epochs and resume from the newest one.
 
@@ -379,6 +407,11 @@ class ResumableCheckpoint:
         prefix: file name prefix.
         evaluator: the validation engine whose best key metric (and data loader's random state)
             must survive a resume, e.g. the one a :class:`BestModelCheckpoint` is attached to.
+        settings: the run's settings that a resumed run must share (JSON values, e.g. the
+            learning rate, seed and labelled cases), recorded in every checkpoint. A checkpoint
+            written with other settings, or with another number of iterations per epoch, is
+            refused with the differences named: continuing it would mix two runs. The epoch
+            budget is not a setting: raising it trains a finished run on.
     """
 
     def __init__(
@@ -389,8 +422,10 @@ class ResumableCheckpoint:
         n_saved: int = 1,
         prefix: str = "checkpoint",
         evaluator: Engine | None = None,
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.ckpt_dir = str(ckpt_dir)
+        self.settings = RunSettings(settings or {})
         self.save_dict = save_dict
         self.interval = interval
         self.n_saved = n_saved
@@ -411,7 +446,8 @@ class ResumableCheckpoint:
         if self._resumed_from:
             logger.info("resuming from %s", self._resumed_from)
             checkpoint = torch.load(self._resumed_from, map_location="cpu", weights_only=True)
-            max_epochs = engine.state.max_epochs
+            self._check_settings(checkpoint.get("settings"))
+            max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
             try:
                 Checkpoint.load_objects(self._objects, checkpoint)
             except (KeyError, ValueError, RuntimeError) as error:
@@ -419,16 +455,36 @@ class ResumableCheckpoint:
                     f"{self._resumed_from} does not fit this run ({error}). Resume with the config that wrote it, "
                     f"or move it out of {self.ckpt_dir} to train from scratch."
                 ) from error
+            if None not in (epoch_length, engine.state.epoch_length) and engine.state.epoch_length != epoch_length:
+                raise ValueError(
+                    f"{self._resumed_from} was written by a run of {engine.state.epoch_length} iterations per epoch, "
+                    f"this run has {epoch_length} (other data, labelled cases or batch settings). Resume with the "
+                    f"settings that wrote it, or give this run another ckpt_dir than {self.ckpt_dir} to train from "
+                    "scratch."
+                )
             engine.state.max_epochs = max_epochs  # the command's epoch budget wins over the saved one
             self._saved_scaler = checkpoint.get("scaler")
             # Ignite restarts a finished engine from epoch 0: the same command run again would train twice.
             self._complete = engine.state.epoch >= max_epochs
         else:
             logger.info("no checkpoint in %s: training starts from scratch", self.ckpt_dir)
+        self._objects["settings"] = self.settings
         # Deferred to the start of the run: MONAI's Trainer.run() creates the AMP scaler afresh, and
         # the saver must come after every handler attached so far, validation included, so that a
         # checkpoint holds the evaluator's best metric and the random state after that epoch's validation.
         engine.add_event_handler(Events.STARTED, self._start)
+
+    def _check_settings(self, saved: dict | None) -> None:
+        if saved is None:
+            logger.warning("%s records no settings: they cannot be checked against this run's", self._resumed_from)
+            return
+        differences = self.settings.differences(saved)
+        if differences:
+            raise ValueError(
+                f"{self._resumed_from} was written with other settings ({'; '.join(differences)}). Resume with "
+                f"the settings that wrote it, or give this run another ckpt_dir than {self.ckpt_dir} to train "
+                "from scratch with the new ones."
+            )
 
     def _start(self, engine: Engine) -> None:
         if self._complete:
