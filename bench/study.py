@@ -16,6 +16,9 @@ runs, its log kept beside its outputs):
 
 Restartable: a step whose ``*.done.json`` exists is skipped, and a bundle run that was cut off
 resumes from its own checkpoint, so running the same command again continues the study.
+``--methods``, ``--label-counts``, ``--probe-label-counts`` and ``--seeds`` run a part of the grid
+into the same runs folder; ``--report-only`` runs nothing and writes the tables from every part
+done so far.
 
     python bench/study.py --size smoke --out /tmp/study_smoke.md        # minutes: checks the pipeline
     python bench/study.py --size small --out docs/results.md --jobs 2   # hours on 2 CPU cores
@@ -606,7 +609,7 @@ def machine_description(jobs: int) -> str:
 
 
 def setup_markdown(preset: Preset, pretrain_steps: Sequence[Step], networks: Mapping[str, Mapping[str, Any]],
-                   root: Path, selected: Selection) -> list[str]:
+                   root: Path, selected: Selection, report_only: bool = False) -> list[str]:
     """What was run: data pools, pretraining commands and the fine-tuning protocol."""
     finetune_candidates = preset.finetune_pool.num - preset.finetune_num_val
     validation = (f"validation every {preset.val_every} steps, the best validated epoch evaluated"
@@ -632,15 +635,16 @@ def setup_markdown(preset: Preset, pretrain_steps: Sequence[Step], networks: Map
         f"{list(preset.seeds)} (fine-tuning initialisation, crops, labelled scans).",
         "- Pretraining runs once per method (the bundles' seed 0), so the sd over seeds does not include the "
         "variation between pretraining runs.",
-        f"- This invocation ran methods {list(selected.methods)}, k = {list(selected.label_counts)}, probing at "
-        f"k = {list(selected.probe_label_counts)}, seeds {list(selected.seeds)}; any other cell of the tables reads "
-        "n/a.",
-        "", "Pretraining commands (from the repository root):", "",
+        f"- This invocation {'collected the finished runs of' if report_only else 'ran'} methods "
+        f"{list(selected.methods)}, k = {list(selected.label_counts)}, probing at k = "
+        f"{list(selected.probe_label_counts)}, seeds {list(selected.seeds)}; any other cell of the tables reads n/a, "
+        "and a cell without ± holds one seed.",
+        "", "Pretraining commands (from the repository root), each with its wall time:", "",
     ]
     for step in pretrain_steps:
         bundle = root / "bundles" / step.bundle
         command = bundle_command(config_list(step.configs), *cli_overrides(step.overrides))
-        lines.append(f"- `{shown_command(bundle, command)}`")
+        lines.append(f"- `{shown_command(bundle, command)}` ({duration(json.loads(step.done.read_text())['wall_s'])})")
     lines += ["", "Fine-tuned networks (seg_finetune settings matching each pretraining run's encoder):", ""]
     lines += [f"- {name}: {describe_network(network)}" for name, network in networks.items()]
     return lines
@@ -683,7 +687,7 @@ def run_selection(parser: argparse.ArgumentParser, preset: Preset, args: argpars
         methods=narrowed(args.methods, [run.name for run in PRETRAININGS], "--methods"),
         label_counts=narrowed(args.label_counts, preset.label_counts, "--label-counts"),
         probe_label_counts=narrowed(args.probe_label_counts, preset.probe_label_counts, "--probe-label-counts"),
-        seeds=tuple(preset.seeds),
+        seeds=narrowed(args.seeds, preset.seeds, "--seeds"),
     )
 
 
@@ -712,6 +716,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run only these of the preset's label counts k (default all)")
     parser.add_argument("--probe-label-counts", nargs="*", type=int,
                         help="run frozen-encoder probing only at these of the preset's k (default all; none: no probing)")
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="run only these of the preset's seeds (default all); a mean over fewer seeds says so")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write --out from every run of the narrowed grid that is already done")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
@@ -748,6 +756,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = fine_tuning_runs(selected, starts)
     chains = [finetune_chain(preset, start, k, seed, runs, data, weights) for start, k, seed in plan]
     check_overrides(root, [step for chain in chains for step in chain])
+    if args.report_only:  # only the done steps, which run_steps reuses
+        pretrain_steps = [step for step in pretrain_steps if step.done.is_file()]
+        done = [(run, chain) for run, chain in zip(plan, chains) if all(step.done.is_file() for step in chain)]
+        plan, chains = [run for run, _ in done], [chain for _, chain in done]
     ledger = Ledger(total=len(pretrain_steps) + 2 * len(chains))
     run_steps([[step] for step in pretrain_steps], root, args.jobs, ledger)
     run_steps(chains, root, args.jobs, ledger)
@@ -765,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"({duration(sum(ledger.reused))} when they ran).",
         f"- Runs and logs: {runs} (each command and its wall time in the `*.done.json` beside its outputs).",
     ]
-    body = [*setup_markdown(preset, pretrain_steps, networks, root, selected), "",
+    body = [*setup_markdown(preset, pretrain_steps, networks, root, selected, args.report_only), "",
             *results_markdown(results, starts, selected)]
     write_report(out, header, body)
     print("\n".join(line for line in body if line.startswith("- **")))

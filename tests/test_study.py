@@ -136,12 +136,18 @@ def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
 def test_selection_narrows_the_grid_and_refuses_values_outside_the_preset():
     parser = study.argparse.ArgumentParser()
     preset = study.PRESETS["small"]
-    args = study.argparse.Namespace(size="small", methods=["hiend_mae"], label_counts=[1], probe_label_counts=[])
+    args = study.argparse.Namespace(size="small", methods=["hiend_mae"], label_counts=[1], probe_label_counts=[],
+                                    seeds=None)
     selected = study.run_selection(parser, preset, args)
     assert selected == study.Selection(("hiend_mae",), (1,), (), preset.seeds)
     network = {"network_kind": "vit", "encoder_size": "tiny", "roi_size": [64, 64, 64], "encoder_args": {}}
     runs = study.fine_tuning_runs(selected, study.plan_starts({"hiend_mae": network}))
     assert [(start.mode, k) for start, k, _ in runs] == [("scratch", 1), ("finetune", 1)] * len(preset.seeds)
-    with pytest.raises(SystemExit):
-        study.run_selection(parser, preset, study.argparse.Namespace(
-            size="small", methods=None, label_counts=[3], probe_label_counts=None))
+    one_seed = study.run_selection(parser, preset, study.argparse.Namespace(
+        size="small", methods=None, label_counts=None, probe_label_counts=None, seeds=[2]))
+    assert one_seed.seeds == (2,) and one_seed.label_counts == preset.label_counts
+    for narrowing in ({"label_counts": [3]}, {"seeds": [7]}):
+        with pytest.raises(SystemExit):
+            study.run_selection(parser, preset, study.argparse.Namespace(
+                **{"size": "small", "methods": None, "label_counts": None, "probe_label_counts": None, "seeds": None,
+                   **narrowing}))
