@@ -55,7 +55,8 @@ def orthogonal_views(
         the path written.
     """
     rows = len(panels)
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False)
+    # Constrained layout keeps the title clear of the column titles (tight_layout lets them overlap).
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows), squeeze=False, layout="constrained")
     for row, (name, volume) in enumerate(panels.items()):
         volume = _as_numpy(volume)
         labels = _as_numpy(overlays[name]) if overlays and name in overlays else None
@@ -73,7 +74,6 @@ def orthogonal_views(
                 ax.set_ylabel(name)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
