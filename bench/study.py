@@ -767,11 +767,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = [read_result(runs / "finetune" / start.folder / f"k{k}_seed{seed}", start, k, seed)
                for start, k, seed in plan]
     wall = time.perf_counter() - started
+    if args.report_only:
+        source = ("the finished runs it collected from the runs folder (each run's command and wall time are in the "
+                  "`*.done.json` beside its outputs)")
+        machine = "Machine (of this report; the runs it collected were made on the same machine)"
+    else:
+        source, machine = "that run (or by earlier runs of the same command whose outputs it reused)", "Machine"
     header = [
         "# Pretraining vs training from scratch with scarce labels (issue #11)", "",
         f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; every number below was "
-        "measured by that run (or by earlier runs of the same command whose outputs it reused).", "",
-        f"- Machine: {machine_description(args.jobs)}.",
+        f"measured by {source}.", "",
+        f"- {machine}: {machine_description(args.jobs)}.",
         f"- Wall time: {duration(wall)} for this invocation, which ran {len(ledger.ran)} bundle commands "
         f"({duration(sum(ledger.ran))}) and reused {len(ledger.reused)} done before "
         f"({duration(sum(ledger.reused))} when they ran).",
