@@ -132,6 +132,19 @@ def test_seg_train_preset_keeps_labels_aligned_and_selects_labels(phantom_datali
     assert set(torch.unique(labels).tolist()) <= {0.0, 1.0, 2.0} and labels.max() > 0
 
 
+def test_seg_train_class_ratios_centre_crops_on_the_chosen_classes(phantom_datalist):
+    # one-voxel crops are their own centre: with weight only on kidney_left (4) every crop is kidney
+    only_kidney = [0.0] * 8
+    only_kidney[4] = 1.0
+    transform = ct_seg_train_transforms(roi_size=(1, 1, 1), num_samples=12, class_ratios=only_kidney, augment=False)
+    transform.set_random_state(seed=0)
+    assert {s["label"].item() for s in transform(phantom_datalist[0])} == {4.0}
+    balanced = ct_seg_train_transforms(roi_size=(1, 1, 1), num_samples=200, class_ratios=[1.0] * 8, augment=False)
+    balanced.set_random_state(seed=0)
+    centres = [s["label"].item() for s in balanced(phantom_datalist[0])]
+    assert set(centres) == set(range(8))
+
+
 def test_seg_val_and_infer_presets_keep_geometry(phantom_datalist):
     validation = ct_seg_val_transforms(spacing=(3.0, 3.0, 3.0))(phantom_datalist[0])
     image, label = validation["image"], validation["label"]

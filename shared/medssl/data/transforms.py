@@ -29,6 +29,7 @@ from monai.transforms import (
     LoadImage,
     MapTransform,
     Orientationd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandRotate90d,
@@ -297,6 +298,7 @@ def ct_seg_train_transforms(
     pos: float = 1.0,
     neg: float = 1.0,
     select_labels: Sequence[int] | None = None,
+    class_ratios: Sequence[float] | None = None,
     augment: bool = True,
     flip_prob: float = 0.1,
     rotate90_prob: float = 0.1,
@@ -307,6 +309,10 @@ def ct_seg_train_transforms(
     min_size: int = 4,
 ) -> Compose:
     """Segmentation training crops (MONAI's 3D CT recipe: crops balanced ``pos``:``neg`` on the label).
+
+    With ``class_ratios`` (one weight per label id, background first) the crop centres are drawn
+    per class instead (MONAI's RandCropByLabelClassesd), so small organs get crops of their own
+    rather than the share of the foreground their voxels have.
 
     In: ``{"image": path, "label": path}``. Out: a list of ``num_samples`` dicts with ``"image"``
     float32 (1, *roi_size) in the HU window mapped to [b_min, b_max] (before intensity shifts) and
@@ -326,6 +332,18 @@ def ct_seg_train_transforms(
             num_samples=num_samples,
             image_key="image",
             image_threshold=b_min,
+        )
+        if class_ratios is None
+        else RandCropByLabelClassesd(
+            keys,
+            label_key="label",
+            spatial_size=roi_size,
+            ratios=list(class_ratios),
+            num_classes=len(class_ratios),
+            num_samples=num_samples,
+            image_key="image",
+            image_threshold=b_min,
+            warn=False,  # a scan without one of the organs just draws the other classes
         ),
     ]
     if augment:
