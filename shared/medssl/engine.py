@@ -446,8 +446,8 @@ class ResumableCheckpoint:
         if self._resumed_from:
             logger.info("resuming from %s", self._resumed_from)
             checkpoint = torch.load(self._resumed_from, map_location="cpu", weights_only=True)
-            self._check_settings(checkpoint.get("settings"))
-            max_epochs, epoch_length = engine.state.max_epochs, engine.state.epoch_length
+            self._refuse_another_run(checkpoint, engine.state.epoch_length)
+            max_epochs = engine.state.max_epochs
             try:
                 Checkpoint.load_objects(self._objects, checkpoint)
             except (KeyError, ValueError, RuntimeError) as error:
@@ -455,13 +455,6 @@ class ResumableCheckpoint:
                     f"{self._resumed_from} does not fit this run ({error}). Resume with the config that wrote it, "
                     f"or move it out of {self.ckpt_dir} to train from scratch."
                 ) from error
-            if None not in (epoch_length, engine.state.epoch_length) and engine.state.epoch_length != epoch_length:
-                raise ValueError(
-                    f"{self._resumed_from} was written by a run of {engine.state.epoch_length} iterations per epoch, "
-                    f"this run has {epoch_length} (other data, labelled cases or batch settings). Resume with the "
-                    f"settings that wrote it, or give this run another ckpt_dir than {self.ckpt_dir} to train from "
-                    "scratch."
-                )
             engine.state.max_epochs = max_epochs  # the command's epoch budget wins over the saved one
             self._saved_scaler = checkpoint.get("scaler")
             # Ignite restarts a finished engine from epoch 0: the same command run again would train twice.
@@ -474,16 +467,22 @@ class ResumableCheckpoint:
         # checkpoint holds the evaluator's best metric and the random state after that epoch's validation.
         engine.add_event_handler(Events.STARTED, self._start)
 
-    def _check_settings(self, saved: dict | None) -> None:
-        if saved is None:
+    def _refuse_another_run(self, checkpoint: dict, epoch_length: int | None) -> None:
+        """Raise when the checkpoint was written with other settings or another epoch length."""
+        if "settings" not in checkpoint:
             logger.warning("%s records no settings: they cannot be checked against this run's", self._resumed_from)
-            return
-        differences = self.settings.differences(saved)
-        if differences:
+        elif differences := self.settings.differences(checkpoint["settings"]):
             raise ValueError(
                 f"{self._resumed_from} was written with other settings ({'; '.join(differences)}). Resume with "
                 f"the settings that wrote it, or give this run another ckpt_dir than {self.ckpt_dir} to train "
                 "from scratch with the new ones."
+            )
+        saved_length = checkpoint.get("trainer", {}).get("epoch_length")
+        if None not in (epoch_length, saved_length) and saved_length != epoch_length:
+            raise ValueError(
+                f"{self._resumed_from} was written by a run of {saved_length} iterations per epoch, this run has "
+                f"{epoch_length} (other data, labelled cases or batch settings). Resume with the settings that wrote "
+                f"it, or give this run another ckpt_dir than {self.ckpt_dir} to train from scratch."
             )
 
     def _start(self, engine: Engine) -> None:
