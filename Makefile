@@ -59,7 +59,8 @@ bench: venv
 	$(BIN)/python bench/report.py
 
 # `make study`: pretrained vs scratch fine-tuning with 1, 2, 4 labelled scans, 3 seeds (hours on a CPU;
-# restartable: finished runs under runs/study/ are reused). `--size paper` is for GPUs.
+# restartable: finished runs under runs/study/ and those recorded in docs/results.json are reused).
+# `--size paper` is for GPUs.
 study: venv
 	$(BIN)/python bench/study.py --size small --out docs/results.md --jobs 2
 

@@ -20,6 +20,13 @@ resumes from its own checkpoint, so running the same command again continues the
 into the same runs folder; ``--report-only`` runs nothing and writes the tables from every part
 done so far.
 
+Beside ``--out`` the study keeps its record (``--out`` with the suffix ``.json``, e.g.
+docs/results.json): the settings, each pretraining's command, wall time and weights digest, and
+the held-out Dice of every finished run. The runs folder holds weights and scans, which are not
+committed; the record is, so a fresh clone rewrites the report and continues the study from it:
+runs it records are not run again, and a method is fine-tuned further only from pretrained
+weights with the digest its recorded runs started from.
+
     python bench/study.py --size smoke --out /tmp/study_smoke.md        # minutes: checks the pipeline
     python bench/study.py --size small --out docs/results.md --jobs 2   # hours on 2 CPU cores
     python bench/study.py --size paper --out docs/results_paper.md      # GPU sizes
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -230,6 +238,88 @@ class RunResult:
     seed: int
     organs: Mapping[str, float]
     mean: float
+
+
+@dataclass
+class StudyRecord:
+    """The study's record (``<out>.json``): what a report needs once the runs folder is gone.
+
+    ``pretraining`` maps a method to its command, wall time and the sha256 of its weights;
+    ``runs`` holds one entry per finished fine-tuning run (start folder, k, seed, per-organ and
+    mean held-out Dice, wall time of its two commands).
+    """
+
+    path: Path
+    settings: Mapping[str, Any]
+    pretraining: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runs: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, settings: Mapping[str, Any]) -> StudyRecord:
+        """The record at ``path`` (empty when there is none), refused if it holds other settings."""
+        settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+        if not path.is_file():
+            return cls(path, settings)
+        content = json.loads(path.read_text())
+        if content["settings"] != settings:
+            raise SystemExit(f"{path} records a study of other settings than this one's: give another --out, "
+                             "or delete that record (and its report) to start this study over")
+        runs = {(run["start"], run["k"], run["seed"]): run for run in content["runs"]}
+        return cls(path, settings, content["pretraining"], runs)
+
+    def check_weights(self, method: str, weights: Path, done: Mapping[str, Any], machine: str) -> None:
+        """Record the pretraining of ``method``; refuse weights other than those its recorded runs started from."""
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        recorded = self.pretraining.get(method)
+        if recorded is not None and recorded["weights_sha256"] != digest:
+            if any(key[0] in (method, f"{method}_probe") for key in self.runs):
+                raise SystemExit(
+                    f"{weights} (sha256 {digest[:12]}) differs from the {method} pretraining that {self.path} records "
+                    f"(sha256 {recorded['weights_sha256'][:12]}), from which its recorded {method} runs were "
+                    f"fine-tuned: delete the {method} and {method}_probe runs from {self.path} to fine-tune from "
+                    "these weights, or give another --out")
+        if recorded is None or recorded["weights_sha256"] != digest:
+            self.pretraining[method] = {"command": done["command"], "wall_s": done["wall_s"],
+                                        "finished": done["finished"], "machine": machine, "weights_sha256": digest}
+
+    def add(self, result: RunResult, done: Sequence[Mapping[str, Any]], machine: str) -> None:
+        """Record one run from the ``*.done.json`` contents of its commands (fine-tuning, evaluation)."""
+        self.runs[(result.start.folder, result.k, result.seed)] = {
+            "start": result.start.folder, "k": result.k, "seed": result.seed,
+            "organs": {organ: _json_number(value) for organ, value in result.organs.items()},
+            "mean": _json_number(result.mean), "wall_s": sum(step["wall_s"] for step in done),
+            "finished": done[-1]["finished"], "machine": machine}
+
+    def machines(self, results: Iterable[RunResult], methods: Iterable[str]) -> list[str]:
+        """The machines that made ``results`` and the pretraining of ``methods``."""
+        found = [self.runs[(r.start.folder, r.k, r.seed)]["machine"] for r in results]
+        found += [self.pretraining[method]["machine"] for method in methods if method in self.pretraining]
+        return sorted(set(found))
+
+    def results(self, plan: Iterable[tuple[Start, int, int]]) -> list[RunResult]:
+        """The recorded results of the runs in ``plan``."""
+        found = []
+        for start, k, seed in plan:
+            run = self.runs.get((start.folder, k, seed))
+            if run is not None:
+                organs = {organ: _float(value) for organ, value in run["organs"].items()}
+                found.append(RunResult(start, k, seed, organs, _float(run["mean"])))
+        return found
+
+    def save(self) -> None:
+        runs = [self.runs[key] for key in sorted(self.runs)]
+        content = {"settings": self.settings, "pretraining": dict(sorted(self.pretraining.items())), "runs": runs}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n")
+
+
+def _json_number(value: float) -> float | None:
+    """NaN (an organ absent from every evaluated scan) as JSON's null."""
+    return None if math.isnan(value) else value
+
+
+def _float(value: float | None) -> float:
+    return math.nan if value is None else float(value)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -608,9 +698,10 @@ def machine_description(jobs: int) -> str:
             f"device {device}; OMP_NUM_THREADS {threads}, {jobs} bundle run(s) at a time")
 
 
-def setup_markdown(preset: Preset, pretrain_steps: Sequence[Step], networks: Mapping[str, Mapping[str, Any]],
-                   root: Path, selected: Selection, report_only: bool = False) -> list[str]:
-    """What was run: data pools, pretraining commands and the fine-tuning protocol."""
+def setup_markdown(preset: Preset, pretrainings: Sequence[Mapping[str, Any]],
+                   networks: Mapping[str, Mapping[str, Any]], selected: Selection,
+                   report_only: bool = False) -> list[str]:
+    """What was run: data pools, pretraining commands (the record's entries) and the fine-tuning protocol."""
     finetune_candidates = preset.finetune_pool.num - preset.finetune_num_val
     validation = (f"validation every {preset.val_every} steps, the best validated epoch evaluated"
                   if preset.val_every < preset.steps
@@ -641,13 +732,16 @@ def setup_markdown(preset: Preset, pretrain_steps: Sequence[Step], networks: Map
         "and a cell without ± holds one seed.",
         "", "Pretraining commands (from the repository root), each with its wall time:", "",
     ]
-    for step in pretrain_steps:
-        bundle = root / "bundles" / step.bundle
-        command = bundle_command(config_list(step.configs), *cli_overrides(step.overrides))
-        lines.append(f"- `{shown_command(bundle, command)}` ({duration(json.loads(step.done.read_text())['wall_s'])})")
+    lines += [f"- `{run['command']}` ({duration(run['wall_s'])}; weights sha256 {run['weights_sha256'][:12]})"
+              for run in pretrainings]
     lines += ["", "Fine-tuned networks (seg_finetune settings matching each pretraining run's encoder):", ""]
     lines += [f"- {name}: {describe_network(network)}" for name, network in networks.items()]
     return lines
+
+
+def display_path(path: Path, root: Path) -> str:
+    """``path`` relative to the repository when it lies inside it."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def duration(seconds: float) -> str:
@@ -737,53 +831,67 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"study {args.size}: {preset.note}\nruns in {runs}", flush=True)
 
     pretrain_overrides, networks = pretraining_plan(root, preset, runs)
-    settings = {key: value for key, value in asdict(preset).items() if key != "note"}
-    guard_settings(runs, {"size": args.size, "preset": settings, "networks": networks})
+    settings = {"size": args.size, "preset": {key: value for key, value in asdict(preset).items() if key != "note"},
+                "networks": networks}
+    guard_settings(runs, settings)
+    record = StudyRecord.open(out.with_suffix(".json"), settings)
 
     data = phantom_pools(preset, runs / "data")
     for seed in preset.seeds:
         data[f"finetune_seed{seed}"] = labelled_order(data["finetune"], preset.finetune_num_val, seed)
     chosen = [run for run in PRETRAININGS if run.name in selected.methods]
+    weights = {run.name: runs / "pretrain" / run.name / "models" / "model.pt" for run in chosen}
+    starts = plan_starts({run.name: networks[run.name] for run in chosen})
+    plan = fine_tuning_runs(selected, starts)
+    chains = [finetune_chain(preset, start, k, seed, runs, data, weights) for start, k, seed in plan]
+    check_overrides(root, [step for chain in chains for step in chain])
+    # A run done in the runs folder is read from there; one only the record holds is not run again.
+    in_folder = [all(step.done.is_file() for step in chain) for chain in chains]
+    to_run = [(run, chain) for run, chain, done in zip(plan, chains, in_folder)
+              if not args.report_only and not done and (run[0].folder, run[1], run[2]) not in record.runs]
+    from_folder = [(run, chain) for run, chain, done in zip(plan, chains, in_folder) if done] + to_run
     pretrain_steps = [
         Step(f"pretrain {run.name}", run.bundle, preset.pretrain_configs,
              {**pretrain_overrides[run.name], "dataset_dir": str(data["pretrain"])},
              runs / "pretrain" / run.name / "train.done.json")
         for run in chosen
+        # needed by a run to do, or the weights the folder's done runs started from (checked against the record)
+        if any(start.pretraining == run.name for (start, _, _), _ in from_folder) or
+        (args.report_only and (runs / "pretrain" / run.name / "train.done.json").is_file())
     ]
-    weights = {run.name: runs / "pretrain" / run.name / "models" / "model.pt" for run in chosen}
-
-    starts = plan_starts({run.name: networks[run.name] for run in chosen})
-    plan = fine_tuning_runs(selected, starts)
-    chains = [finetune_chain(preset, start, k, seed, runs, data, weights) for start, k, seed in plan]
-    check_overrides(root, [step for chain in chains for step in chain])
-    if args.report_only:  # only the done steps, which run_steps reuses
-        pretrain_steps = [step for step in pretrain_steps if step.done.is_file()]
-        done = [(run, chain) for run, chain in zip(plan, chains) if all(step.done.is_file() for step in chain)]
-        plan, chains = [run for run, _ in done], [chain for _, chain in done]
-    ledger = Ledger(total=len(pretrain_steps) + 2 * len(chains))
+    ledger = Ledger(total=len(pretrain_steps) + 2 * len(from_folder))
     run_steps([[step] for step in pretrain_steps], root, args.jobs, ledger)
-    run_steps(chains, root, args.jobs, ledger)
+    machine = machine_description(args.jobs)
+    for step in pretrain_steps:
+        method = step.done.parent.name
+        record.check_weights(method, weights[method], json.loads(step.done.read_text()), machine)
+    record.save()
+    run_steps([chain for _, chain in from_folder], root, args.jobs, ledger)
 
-    results = [read_result(runs / "finetune" / start.folder / f"k{k}_seed{seed}", start, k, seed)
-               for start, k, seed in plan]
+    for (start, k, seed), chain in from_folder:
+        result = read_result(runs / "finetune" / start.folder / f"k{k}_seed{seed}", start, k, seed)
+        record.add(result, [json.loads(step.done.read_text()) for step in chain], machine)
+    record.save()
+    results = record.results(plan)
     wall = time.perf_counter() - started
-    if args.report_only:
-        source = ("the finished runs it collected from the runs folder (each run's command and wall time are in the "
-                  "`*.done.json` beside its outputs)")
-        machine = "Machine (of this report; the runs it collected were made on the same machine)"
-    else:
-        source, machine = "that run (or by earlier runs of the same command whose outputs it reused)", "Machine"
+    from_record = len(results) - len(from_folder)
     header = [
         "# Pretraining vs training from scratch with scarce labels (issue #11)", "",
         f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; every number below was "
-        f"measured by {source}.", "",
-        f"- {machine}: {machine_description(args.jobs)}.",
+        "measured by a finished bundle run that this invocation made, found done in its runs folder, or found in "
+        "the study's record (where the runs of earlier invocations, on this or another machine, are kept).", "",
+        f"- Machine of this invocation: {machine}.",
+        *(f"- Machine of recorded runs: {other}." for other in record.machines(results, selected.methods)
+          if other != machine),
         f"- Wall time: {duration(wall)} for this invocation, which ran {len(ledger.ran)} bundle commands "
-        f"({duration(sum(ledger.ran))}) and reused {len(ledger.reused)} done before "
-        f"({duration(sum(ledger.reused))} when they ran).",
+        f"({duration(sum(ledger.ran))}), reused {len(ledger.reused)} done before in the runs folder "
+        f"({duration(sum(ledger.reused))} when they ran) and took {from_record} fine-tuning results from the record.",
         f"- Runs and logs: {runs} (each command and its wall time in the `*.done.json` beside its outputs).",
+        f"- Record: {display_path(record.path, root)} (settings, pretraining commands with wall times and weights "
+        "digests, and the held-out Dice and wall time of every finished run; the tables below are computed from it).",
     ]
-    body = [*setup_markdown(preset, pretrain_steps, networks, root, selected, args.report_only), "",
+    recorded_pretraining = [record.pretraining[run.name] for run in chosen if run.name in record.pretraining]
+    body = [*setup_markdown(preset, recorded_pretraining, networks, selected, args.report_only), "",
             *results_markdown(results, starts, selected)]
     write_report(out, header, body)
     print("\n".join(line for line in body if line.startswith("- **")))

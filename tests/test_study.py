@@ -151,3 +151,95 @@ def test_selection_narrows_the_grid_and_refuses_values_outside_the_preset():
             study.run_selection(parser, preset, study.argparse.Namespace(
                 **{"size": "small", "methods": None, "label_counts": None, "probe_label_counts": None, "seeds": None,
                    **narrowing}))
+
+
+def _settings(size: str = "smoke") -> dict:
+    return {"size": size, "preset": {"steps": 2}, "networks": {}}
+
+
+def _recorded_results(tmp_path: Path, starts, seeds=(0, 1)) -> list:
+    results = []
+    for start in starts:
+        for seed in seeds:
+            folder = tmp_path / "runs" / start.folder / f"k1_seed{seed}"
+            _write_test_outputs(folder, {"liver": [0.5 + 0.1 * seed, 0.7], "spleen": [math.nan, math.nan]})
+            results.append(study.read_result(folder, start, 1, seed))
+    return results
+
+
+def test_record_keeps_every_result_and_refuses_other_settings(tmp_path):
+    network = {"network_kind": "cnn", "encoder_size": "tiny", "roi_size": [32, 32, 32], "encoder_args": {}}
+    starts = study.plan_starts({"frepa_cnn": network})
+    path = tmp_path / "results.json"
+    record = study.StudyRecord.open(path, _settings())
+    results = _recorded_results(tmp_path, starts)
+    done = [{"wall_s": 60.0, "finished": "2026-12-06T01:00:00+00:00"},
+            {"wall_s": 6.0, "finished": "2026-12-06T01:01:00+00:00"}]
+    for result in results:
+        record.add(result, done, "machine A")
+    record.save()
+
+    reopened = study.StudyRecord.open(path, _settings())
+    plan = [(start, 1, seed) for start in starts for seed in (0, 1, 2)]  # seed 2 was never run
+    recorded = reopened.results(plan)
+    assert [(r.start.folder, r.seed) for r in recorded] == [(r.start.folder, r.seed) for r in results]
+    for read, original in zip(recorded, results):
+        assert read.mean == pytest.approx(original.mean)
+        assert read.organs["liver"] == pytest.approx(original.organs["liver"])
+        assert math.isnan(read.organs["spleen"])  # absent from every scan: null in the JSON, NaN again
+    assert json.loads(path.read_text())["runs"][0]["wall_s"] == 66.0
+    assert reopened.machines(recorded, []) == ["machine A"]
+    with pytest.raises(SystemExit, match="other settings"):
+        study.StudyRecord.open(path, _settings("small"))
+
+
+def test_record_refuses_other_weights_for_a_method_with_recorded_runs(tmp_path):
+    network = {"network_kind": "cnn", "encoder_size": "tiny", "roi_size": [32, 32, 32], "encoder_args": {}}
+    starts = study.plan_starts({"frepa_cnn": network, "maesil": network})
+    record = study.StudyRecord.open(tmp_path / "results.json", _settings())
+    weights = tmp_path / "model.pt"
+    done = {"command": "(cd bundles/frepa && python -m monai.bundle run ...)", "wall_s": 200.0,
+            "finished": "2026-12-06T01:00:00+00:00"}
+    weights.write_bytes(b"first pretraining")
+    record.check_weights("frepa_cnn", weights, done, "machine A")
+    record.check_weights("maesil", weights, done, "machine A")
+    tuned = next(start for start in starts if start.folder == "frepa_cnn")
+    record.add(_recorded_results(tmp_path, [tuned], seeds=(0,))[0], [done], "machine A")
+
+    record.check_weights("frepa_cnn", weights, {**done, "wall_s": 1.0}, "machine B")  # same weights: accepted
+    assert record.pretraining["frepa_cnn"]["wall_s"] == 200.0  # the run the recorded results came from
+    weights.write_bytes(b"another pretraining")
+    with pytest.raises(SystemExit, match="delete the frepa_cnn and frepa_cnn_probe runs"):
+        record.check_weights("frepa_cnn", weights, done, "machine B")
+    record.check_weights("maesil", weights, done, "machine B")  # no maesil run recorded: the new weights replace
+    assert record.pretraining["maesil"]["machine"] == "machine B"
+
+
+def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_path, monkeypatch):
+    """A fresh clone: an empty runs folder and the committed record; nothing runs, the report comes from the record."""
+    preset, runs, out = study.PRESETS["smoke"], tmp_path / "runs", tmp_path / "results.md"
+    _, networks = study.pretraining_plan(ROOT, preset, runs)
+    settings = {"size": "smoke", "preset": {key: value for key, value in study.asdict(preset).items() if key != "note"},
+                "networks": networks}
+    record = study.StudyRecord.open(out.with_suffix(".json"), settings)
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"hiend_mae pretraining")
+    pretraining = {"command": "(cd bundles/hiend_mae && python -m monai.bundle run --epochs 1)", "wall_s": 90.0,
+                   "finished": "2026-12-06T01:00:00+00:00"}
+    record.check_weights("hiend_mae", weights, pretraining, "machine A")
+    starts = [s for s in study.plan_starts({"hiend_mae": networks["hiend_mae"]}) if s.mode != "probe"]
+    for result, liver in zip(_recorded_results(tmp_path, starts, seeds=(0,)), (0.40, 0.46)):
+        record.add(study.RunResult(result.start, 1, 0, {"liver": liver}, liver), [pretraining], "machine A")
+    record.save()
+
+    def no_bundle_runs(*args, **kwargs):
+        raise AssertionError(f"ran a bundle although every run is recorded: {args}")
+
+    monkeypatch.setattr(study, "run_bundle", no_bundle_runs)
+    study.main(["--size", "smoke", "--runs", str(runs), "--out", str(out), "--methods", "hiend_mae",
+                "--probe-label-counts"])
+    report = out.read_text()
+    assert "ran 0 bundle commands" in report and "took 2 fine-tuning results from the record" in report
+    assert "- Machine of recorded runs: machine A." in report
+    assert "| hiend_mae | finetune | 6.0 |" in report  # the paired gain, 46 - 40 Dice points
+    assert f"`{pretraining['command']}` (1.5 min; weights sha256 " in report
