@@ -368,3 +368,8 @@ def test_half_precision_input_is_transformed_in_float32_and_returned_in_its_dtyp
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=0)
     assert highpass_filter(x.bfloat16(), 20.0).dtype == torch.bfloat16
+    # the patch statistics of image masking are pooled in float32 (the CPU has no half-precision pooling)
+    expected, _ = histogram_equalised_mask(x, 4, generator=torch.Generator().manual_seed(13))
+    out, _ = histogram_equalised_mask(x.bfloat16(), 4, generator=torch.Generator().manual_seed(13))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=0)
