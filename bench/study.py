@@ -643,6 +643,12 @@ def _mean(result: RunResult) -> float:
     return result.mean
 
 
+def _seeds_cell(values: Sequence[float], seeds: Sequence[int]) -> str:
+    """``mean_sd`` of the values, saying how many seeds they are when some but not all of ``seeds``."""
+    count = sum(not math.isnan(value) for value in values)
+    return mean_sd(values) + (f" ({count} of {len(seeds)} seeds)" if 1 < count < len(seeds) else "")
+
+
 def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], preset: Preset | Selection) -> list[str]:
     """The tables and the per-method verdicts (everything in them computed from ``results``)."""
     counts = sorted(set(preset.label_counts) | set(preset.probe_label_counts))
@@ -652,7 +658,7 @@ def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], pres
              "Mean over the held-out scans of MONAI's MeanDice (foreground organs).", ""]
     rows = []
     for start in starts:
-        cells = [mean_sd(_values(results, start, k, _mean)) for k in counts]
+        cells = [_seeds_cell(_values(results, start, k, _mean), preset.seeds) for k in counts]
         rows.append([start.folder, start.mode, describe_network(start.network), *cells])
     lines += _table(["start", "mode", "network", *(f"k = {k}" for k in counts)], rows)
 
@@ -662,7 +668,8 @@ def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], pres
         if start.mode == "scratch":
             continue
         baseline = scratch_of(start, starts)
-        rows.append([start.folder, start.mode, *(mean_sd(paired_gains(results, start, baseline, k)) for k in counts)])
+        rows.append([start.folder, start.mode,
+                     *(_seeds_cell(paired_gains(results, start, baseline, k), preset.seeds) for k in counts)])
     lines += _table(["start", "mode", *(f"k = {k}" for k in counts)], rows)
 
     for k in counts:

@@ -243,3 +243,16 @@ def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_p
     assert "- Machine of recorded runs: machine A." in report
     assert "| hiend_mae | finetune | 6.0 |" in report  # the paired gain, 46 - 40 Dice points
     assert f"`{pretraining['command']}` (1.5 min; weights sha256 " in report
+
+
+def test_a_cell_of_fewer_seeds_than_the_study_says_how_many(tmp_path):
+    network = {"network_kind": "cnn", "encoder_size": "tiny", "roi_size": [32, 32, 32], "encoder_args": {}}
+    starts = study.plan_starts({"frepa_cnn": network})  # scratch, fine-tuned, probe (not run)
+    results = [study.RunResult(start, k, seed, {"liver": mean}, mean)
+               for start, base in zip(starts[:2], (0.30, 0.35))
+               for k, seeds in ((1, (0, 1, 2)), (2, (0, 1)))
+               for seed, mean in zip(seeds, (base, base + 0.1, base + 0.2))]
+    selection = study.Selection(("frepa_cnn",), (1, 2), (), (0, 1, 2))
+    text = "\n".join(study.results_markdown(results, starts, selection))
+    assert "| frepa_cnn | finetune | SegResNet (cnn-tiny), 32³ crops | 45.0 ± 10.0 | 40.0 ± 7.1 (2 of 3 seeds) |" in text
+    assert "| frepa_cnn | finetune | 5.0 ± 0.0 | 5.0 ± 0.0 (2 of 3 seeds) |" in text
