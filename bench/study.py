@@ -695,14 +695,14 @@ def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], pres
 # ----------------------------------------------------------------------------- report
 
 
-def machine_description(jobs: int) -> str:
+def machine_description() -> str:
+    """The machine and software a run was made with (its thread settings are the invocation's)."""
     import monai
     import torch
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
     return (f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, MONAI {monai.__version__}, "
-            f"device {device}; OMP_NUM_THREADS {threads}, {jobs} bundle run(s) at a time")
+            f"device {device}")
 
 
 def setup_markdown(preset: Preset, pretrainings: Sequence[Mapping[str, Any]],
@@ -868,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     ledger = Ledger(total=len(pretrain_steps) + 2 * len(from_folder))
     run_steps([[step] for step in pretrain_steps], root, args.jobs, ledger)
-    machine = machine_description(args.jobs)
+    machine = machine_description()
     for step in pretrain_steps:
         method = step.done.parent.name
         record.check_weights(method, weights[method], json.loads(step.done.read_text()), machine)
@@ -887,7 +887,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; every number below was "
         "measured by a finished bundle run that this invocation made, found done in its runs folder, or found in "
         "the study's record (where the runs of earlier invocations, on this or another machine, are kept).", "",
-        f"- Machine of this invocation: {machine}.",
+        f"- Machine of this invocation: {machine}; OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+        f"{args.jobs} bundle run(s) at a time.",
         *(f"- Machine of recorded runs: {other}." for other in record.machines(results, selected.methods)
           if other != machine),
         f"- Wall time: {duration(wall)} for this invocation, which ran {len(ledger.ran)} bundle commands "
