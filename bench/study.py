@@ -24,8 +24,9 @@ Beside ``--out`` the study keeps its record (``--out`` with the suffix ``.json``
 docs/results.json): the settings, each pretraining's command, wall time and weights digest, and
 the held-out Dice of every finished run. The runs folder holds weights and scans, which are not
 committed; the record is, so a fresh clone rewrites the report and continues the study from it:
-runs it records are not run again, and a method is fine-tuned further only from pretrained
-weights with the digest its recorded runs started from.
+runs it records are not run again. A method whose runs still to do need pretraining is
+pretrained again; where that gives other weights (another machine), the report says which of
+its results came from which pretraining run.
 
     python bench/study.py --size smoke --out /tmp/study_smoke.md        # minutes: checks the pipeline
     python bench/study.py --size small --out docs/results.md --jobs 2   # hours on 2 CPU cores
@@ -46,6 +47,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -244,14 +246,16 @@ class RunResult:
 class StudyRecord:
     """The study's record (``<out>.json``): what a report needs once the runs folder is gone.
 
-    ``pretraining`` maps a method to its command, wall time and the sha256 of its weights;
-    ``runs`` holds one entry per finished fine-tuning run (start folder, k, seed, per-organ and
-    mean held-out Dice, wall time of its two commands).
+    ``pretraining`` maps a method to its pretraining runs (command, wall time, machine, sha256 of
+    the weights): one, unless the study was continued on a machine whose pretraining gave other
+    weights (pretraining is not bit-reproducible across machines). ``runs`` holds one entry per
+    finished fine-tuning run: start folder, k, seed, per-organ and mean held-out Dice, wall time
+    of its two commands, machine, and the digest of the weights it started from.
     """
 
     path: Path
     settings: Mapping[str, Any]
-    pretraining: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pretraining: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     runs: dict[tuple[str, int, int], dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -267,34 +271,34 @@ class StudyRecord:
         runs = {(run["start"], run["k"], run["seed"]): run for run in content["runs"]}
         return cls(path, settings, content["pretraining"], runs)
 
-    def check_weights(self, method: str, weights: Path, done: Mapping[str, Any], machine: str) -> None:
-        """Record the pretraining of ``method``; refuse weights other than those its recorded runs started from."""
+    def add_pretraining(self, method: str, weights: Path, done: Mapping[str, Any], machine: str) -> str:
+        """Record a pretraining run of ``method`` unless its weights are recorded already; returns their sha256."""
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-        recorded = self.pretraining.get(method)
-        if recorded is not None and recorded["weights_sha256"] != digest:
-            if any(key[0] in (method, f"{method}_probe") for key in self.runs):
-                raise SystemExit(
-                    f"{weights} (sha256 {digest[:12]}) differs from the {method} pretraining that {self.path} records "
-                    f"(sha256 {recorded['weights_sha256'][:12]}), from which its recorded {method} runs were "
-                    f"fine-tuned: delete the {method} and {method}_probe runs from {self.path} to fine-tune from "
-                    "these weights, or give another --out")
-        if recorded is None or recorded["weights_sha256"] != digest:
-            self.pretraining[method] = {"command": done["command"], "wall_s": done["wall_s"],
-                                        "finished": done["finished"], "machine": machine, "weights_sha256": digest}
+        recorded = self.pretraining.setdefault(method, [])
+        if all(run["weights_sha256"] != digest for run in recorded):
+            recorded.append({"command": done["command"], "wall_s": done["wall_s"], "finished": done["finished"],
+                             "machine": machine, "weights_sha256": digest})
+        return digest
 
-    def add(self, result: RunResult, done: Sequence[Mapping[str, Any]], machine: str) -> None:
+    def add(self, result: RunResult, done: Sequence[Mapping[str, Any]], machine: str,
+            weights_sha256: str | None) -> None:
         """Record one run from the ``*.done.json`` contents of its commands (fine-tuning, evaluation)."""
         self.runs[(result.start.folder, result.k, result.seed)] = {
             "start": result.start.folder, "k": result.k, "seed": result.seed,
             "organs": {organ: _json_number(value) for organ, value in result.organs.items()},
             "mean": _json_number(result.mean), "wall_s": sum(step["wall_s"] for step in done),
-            "finished": done[-1]["finished"], "machine": machine}
+            "finished": done[-1]["finished"], "machine": machine, "pretraining_sha256": weights_sha256}
 
     def machines(self, results: Iterable[RunResult], methods: Iterable[str]) -> list[str]:
         """The machines that made ``results`` and the pretraining of ``methods``."""
         found = [self.runs[(r.start.folder, r.k, r.seed)]["machine"] for r in results]
-        found += [self.pretraining[method]["machine"] for method in methods if method in self.pretraining]
+        found += [run["machine"] for method in methods for run in self.pretraining.get(method, [])]
         return sorted(set(found))
+
+    def pretraining_origins(self, results: Iterable[RunResult], method: str) -> Counter[str]:
+        """How many of the ``results`` of ``method`` started from each of its pretrained weights (by sha256)."""
+        return Counter(self.runs[(r.start.folder, r.k, r.seed)]["pretraining_sha256"]
+                       for r in results if r.start.pretraining == method)
 
     def results(self, plan: Iterable[tuple[Start, int, int]]) -> list[RunResult]:
         """The recorded results of the runs in ``plan``."""
@@ -705,10 +709,10 @@ def machine_description() -> str:
             f"device {device}")
 
 
-def setup_markdown(preset: Preset, pretrainings: Sequence[Mapping[str, Any]],
+def setup_markdown(preset: Preset, record: StudyRecord, results: Sequence[RunResult],
                    networks: Mapping[str, Mapping[str, Any]], selected: Selection,
                    report_only: bool = False) -> list[str]:
-    """What was run: data pools, pretraining commands (the record's entries) and the fine-tuning protocol."""
+    """What was run: data pools, pretraining runs (the record's) and the fine-tuning protocol."""
     finetune_candidates = preset.finetune_pool.num - preset.finetune_num_val
     validation = (f"validation every {preset.val_every} steps, the best validated epoch evaluated"
                   if preset.val_every < preset.steps
@@ -731,16 +735,23 @@ def setup_markdown(preset: Preset, pretrainings: Sequence[Mapping[str, Any]],
         f"{preset.warmup_steps} steps, {validation}; label counts k = "
         f"{list(preset.label_counts)}, frozen-encoder probing at k = {list(preset.probe_label_counts)}; seeds "
         f"{list(preset.seeds)} (fine-tuning initialisation, crops, labelled scans).",
-        "- Pretraining runs once per method (the bundles' seed 0), so the sd over seeds does not include the "
-        "variation between pretraining runs.",
+        "- Each method is pretrained once (the bundles' seed 0) and every fine-tuning run of it starts from those "
+        "weights, so the sd over seeds does not include the variation between pretraining runs, except for a "
+        "method whose results below came from several pretraining runs (said under its commands).",
         f"- This invocation {'collected the finished runs of' if report_only else 'ran'} methods "
         f"{list(selected.methods)}, k = {list(selected.label_counts)}, probing at k = "
         f"{list(selected.probe_label_counts)}, seeds {list(selected.seeds)}; any other cell of the tables reads n/a, "
         "and a cell without ± holds one seed.",
         "", "Pretraining commands (from the repository root), each with its wall time:", "",
     ]
-    lines += [f"- `{run['command']}` ({duration(run['wall_s'])}; weights sha256 {run['weights_sha256'][:12]})"
-              for run in pretrainings]
+    for method in selected.methods:
+        lines += [f"- `{run['command']}` ({duration(run['wall_s'])}; weights sha256 {run['weights_sha256'][:12]})"
+                  for run in record.pretraining.get(method, [])]
+        origins = record.pretraining_origins(results, method)
+        if len(origins) > 1:
+            counts = ", ".join(f"{count} from {digest[:12]}" for digest, count in sorted(origins.items()))
+            lines.append(f"  - {method}'s results came from {len(origins)} pretraining runs of this command on "
+                         f"different machines ({counts}); its sd includes the variation between them.")
     lines += ["", "Fine-tuned networks (seg_finetune settings matching each pretraining run's encoder):", ""]
     lines += [f"- {name}: {describe_network(network)}" for name, network in networks.items()]
     return lines
@@ -869,15 +880,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ledger = Ledger(total=len(pretrain_steps) + 2 * len(from_folder))
     run_steps([[step] for step in pretrain_steps], root, args.jobs, ledger)
     machine = machine_description()
-    for step in pretrain_steps:
-        method = step.done.parent.name
-        record.check_weights(method, weights[method], json.loads(step.done.read_text()), machine)
+    digests = {step.done.parent.name: record.add_pretraining(step.done.parent.name, weights[step.done.parent.name],
+                                                             json.loads(step.done.read_text()), machine)
+               for step in pretrain_steps}
     record.save()
     run_steps([chain for _, chain in from_folder], root, args.jobs, ledger)
 
     for (start, k, seed), chain in from_folder:
         result = read_result(runs / "finetune" / start.folder / f"k{k}_seed{seed}", start, k, seed)
-        record.add(result, [json.loads(step.done.read_text()) for step in chain], machine)
+        record.add(result, [json.loads(step.done.read_text()) for step in chain], machine,
+                   digests.get(start.pretraining))
     record.save()
     results = record.results(plan)
     wall = time.perf_counter() - started
@@ -898,8 +910,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"- Record: {display_path(record.path, root)} (settings, pretraining commands with wall times and weights "
         "digests, and the held-out Dice and wall time of every finished run; the tables below are computed from it).",
     ]
-    recorded_pretraining = [record.pretraining[run.name] for run in chosen if run.name in record.pretraining]
-    body = [*setup_markdown(preset, recorded_pretraining, networks, selected, args.report_only), "",
+    body = [*setup_markdown(preset, record, results, networks, selected, args.report_only), "",
             *results_markdown(results, starts, selected)]
     write_report(out, header, body)
     print("\n".join(line for line in body if line.startswith("- **")))

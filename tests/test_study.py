@@ -176,7 +176,7 @@ def test_record_keeps_every_result_and_refuses_other_settings(tmp_path):
     done = [{"wall_s": 60.0, "finished": "2026-12-06T01:00:00+00:00"},
             {"wall_s": 6.0, "finished": "2026-12-06T01:01:00+00:00"}]
     for result in results:
-        record.add(result, done, "machine A")
+        record.add(result, done, "machine A", None)
     record.save()
 
     reopened = study.StudyRecord.open(path, _settings())
@@ -193,26 +193,36 @@ def test_record_keeps_every_result_and_refuses_other_settings(tmp_path):
         study.StudyRecord.open(path, _settings("small"))
 
 
-def test_record_refuses_other_weights_for_a_method_with_recorded_runs(tmp_path):
+def test_record_keeps_each_pretraining_and_says_which_results_came_from_which(tmp_path):
+    """Continued on another machine, a method's pretraining can give other weights: recorded beside the first,
+    and the report says how many results came from each."""
     network = {"network_kind": "cnn", "encoder_size": "tiny", "roi_size": [32, 32, 32], "encoder_args": {}}
-    starts = study.plan_starts({"frepa_cnn": network, "maesil": network})
+    starts = study.plan_starts({"frepa_cnn": network})
     record = study.StudyRecord.open(tmp_path / "results.json", _settings())
     weights = tmp_path / "model.pt"
-    done = {"command": "(cd bundles/frepa && python -m monai.bundle run ...)", "wall_s": 200.0,
+    done = {"command": "(cd bundles/frepa && python -m monai.bundle run --encoder_kind cnn)", "wall_s": 200.0,
             "finished": "2026-12-06T01:00:00+00:00"}
     weights.write_bytes(b"first pretraining")
-    record.check_weights("frepa_cnn", weights, done, "machine A")
-    record.check_weights("maesil", weights, done, "machine A")
-    tuned = next(start for start in starts if start.folder == "frepa_cnn")
-    record.add(_recorded_results(tmp_path, [tuned], seeds=(0,))[0], [done], "machine A")
+    first = record.add_pretraining("frepa_cnn", weights, done, "machine A")
+    assert record.add_pretraining("frepa_cnn", weights, {**done, "wall_s": 1.0}, "machine A") == first
+    weights.write_bytes(b"second pretraining")
+    second = record.add_pretraining("frepa_cnn", weights, done, "machine B")
+    assert second != first
+    assert [run["machine"] for run in record.pretraining["frepa_cnn"]] == ["machine A", "machine B"]
+    assert record.pretraining["frepa_cnn"][0]["wall_s"] == 200.0  # the same weights again add nothing
 
-    record.check_weights("frepa_cnn", weights, {**done, "wall_s": 1.0}, "machine B")  # same weights: accepted
-    assert record.pretraining["frepa_cnn"]["wall_s"] == 200.0  # the run the recorded results came from
-    weights.write_bytes(b"another pretraining")
-    with pytest.raises(SystemExit, match="delete the frepa_cnn and frepa_cnn_probe runs"):
-        record.check_weights("frepa_cnn", weights, done, "machine B")
-    record.check_weights("maesil", weights, done, "machine B")  # no maesil run recorded: the new weights replace
-    assert record.pretraining["maesil"]["machine"] == "machine B"
+    results = _recorded_results(tmp_path, starts[:2], seeds=(0, 1, 2))
+    for result in results:
+        origin = None if result.start.mode == "scratch" else (first if result.seed < 2 else second)
+        record.add(result, [done], "machine A" if result.seed < 2 else "machine B", origin)
+    assert record.pretraining_origins(results, "frepa_cnn") == {first: 2, second: 1}
+    assert record.machines(results, ["frepa_cnn"]) == ["machine A", "machine B"]
+    selection = study.Selection(("frepa_cnn",), (1,), (), (0, 1, 2))
+    text = "\n".join(study.setup_markdown(study.PRESETS["smoke"], record, results, {"frepa_cnn": network}, selection))
+    assert text.count("`(cd bundles/frepa && python -m monai.bundle run --encoder_kind cnn)` (3.3 min") == 2
+    counts = ", ".join(f"{count} from {digest[:12]}" for digest, count in sorted({first: 2, second: 1}.items()))
+    assert (f"  - frepa_cnn's results came from 2 pretraining runs of this command on different machines ({counts}); "
+            "its sd includes the variation between them.") in text
 
 
 def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_path, monkeypatch):
@@ -226,10 +236,11 @@ def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_p
     weights.write_bytes(b"hiend_mae pretraining")
     pretraining = {"command": "(cd bundles/hiend_mae && python -m monai.bundle run --epochs 1)", "wall_s": 90.0,
                    "finished": "2026-12-06T01:00:00+00:00"}
-    record.check_weights("hiend_mae", weights, pretraining, "machine A")
+    digest = record.add_pretraining("hiend_mae", weights, pretraining, "machine A")
     starts = [s for s in study.plan_starts({"hiend_mae": networks["hiend_mae"]}) if s.mode != "probe"]
     for result, liver in zip(_recorded_results(tmp_path, starts, seeds=(0,)), (0.40, 0.46)):
-        record.add(study.RunResult(result.start, 1, 0, {"liver": liver}, liver), [pretraining], "machine A")
+        record.add(study.RunResult(result.start, 1, 0, {"liver": liver}, liver), [pretraining], "machine A",
+                   None if result.start.mode == "scratch" else digest)
     record.save()
 
     def no_bundle_runs(*args, **kwargs):
@@ -254,5 +265,6 @@ def test_a_cell_of_fewer_seeds_than_the_study_says_how_many(tmp_path):
                for seed, mean in zip(seeds, (base, base + 0.1, base + 0.2))]
     selection = study.Selection(("frepa_cnn",), (1, 2), (), (0, 1, 2))
     text = "\n".join(study.results_markdown(results, starts, selection))
-    assert "| frepa_cnn | finetune | SegResNet (cnn-tiny), 32³ crops | 45.0 ± 10.0 | 40.0 ± 7.1 (2 of 3 seeds) |" in text
+    network_cell = "SegResNet (cnn-tiny), 32³ crops"
+    assert f"| frepa_cnn | finetune | {network_cell} | 45.0 ± 10.0 | 40.0 ± 7.1 (2 of 3 seeds) |" in text
     assert "| frepa_cnn | finetune | 5.0 ± 0.0 | 5.0 ± 0.0 (2 of 3 seeds) |" in text
