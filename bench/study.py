@@ -803,6 +803,12 @@ def run_selection(parser: argparse.ArgumentParser, preset: Preset, args: argpars
     )
 
 
+def study_settings(size: str, preset: Preset, networks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """What makes two studies comparable: the size, the preset's numbers (not its note) and the networks."""
+    return {"size": size, "preset": {key: value for key, value in asdict(preset).items() if key != "note"},
+            "networks": networks}
+
+
 def guard_settings(runs: Path, settings: Mapping[str, Any]) -> None:
     """Refuse to mix results of other settings into a runs folder; record the settings on first use."""
     record = runs / "study.json"
@@ -849,8 +855,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"study {args.size}: {preset.note}\nruns in {runs}", flush=True)
 
     pretrain_overrides, networks = pretraining_plan(root, preset, runs)
-    settings = {"size": args.size, "preset": {key: value for key, value in asdict(preset).items() if key != "note"},
-                "networks": networks}
+    settings = study_settings(args.size, preset, networks)
     guard_settings(runs, settings)
     record = StudyRecord.open(out.with_suffix(".json"), settings)
 
@@ -873,17 +878,17 @@ def main(argv: Sequence[str] | None = None) -> None:
              {**pretrain_overrides[run.name], "dataset_dir": str(data["pretrain"])},
              runs / "pretrain" / run.name / "train.done.json")
         for run in chosen
-        # needed by a run to do, or the weights the folder's done runs started from (checked against the record)
+        # needed by a run to do, or the weights the folder's done runs started from (their digest is recorded)
         if any(start.pretraining == run.name for (start, _, _), _ in from_folder) or
         (args.report_only and (runs / "pretrain" / run.name / "train.done.json").is_file())
     ]
     ledger = Ledger(total=len(pretrain_steps) + 2 * len(from_folder))
     run_steps([[step] for step in pretrain_steps], root, args.jobs, ledger)
     machine = machine_description()
-    digests = {step.done.parent.name: record.add_pretraining(step.done.parent.name, weights[step.done.parent.name],
-                                                             json.loads(step.done.read_text()), machine)
-               for step in pretrain_steps}
-    record.save()
+    digests = {}
+    for step in pretrain_steps:
+        method = step.done.parent.name
+        digests[method] = record.add_pretraining(method, weights[method], json.loads(step.done.read_text()), machine)
     run_steps([chain for _, chain in from_folder], root, args.jobs, ledger)
 
     for (start, k, seed), chain in from_folder:

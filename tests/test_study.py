@@ -229,9 +229,7 @@ def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_p
     """A fresh clone: an empty runs folder and the committed record; nothing runs, the report comes from the record."""
     preset, runs, out = study.PRESETS["smoke"], tmp_path / "runs", tmp_path / "results.md"
     _, networks = study.pretraining_plan(ROOT, preset, runs)
-    settings = {"size": "smoke", "preset": {key: value for key, value in study.asdict(preset).items() if key != "note"},
-                "networks": networks}
-    record = study.StudyRecord.open(out.with_suffix(".json"), settings)
+    record = study.StudyRecord.open(out.with_suffix(".json"), study.study_settings("smoke", preset, networks))
     weights = tmp_path / "model.pt"
     weights.write_bytes(b"hiend_mae pretraining")
     pretraining = {"command": "(cd bundles/hiend_mae && python -m monai.bundle run --epochs 1)", "wall_s": 90.0,
