@@ -10,6 +10,7 @@ from monai.networks.nets import UNETR
 from medssl import zoo
 from medssl.encoders import (
     GeneralizedUNETR,
+    ViTLinearSegmenter,
     build_encoder,
     build_segmentation_network,
     unetr_skip_blocks,
@@ -112,6 +113,8 @@ def test_configuration_errors_name_the_setting():
         build_segmentation_network("vit", "tiny", 2, ROI, encoder_args={"depth": 6})
     with pytest.raises(ValueError, match="skip_blocks must be three block indices in \\[0, 3\\]"):
         GeneralizedUNETR(1, 2, ROI, hidden_size=48, mlp_dim=96, num_layers=4, num_heads=2, skip_blocks=(1, 2, 4))
+    with pytest.raises(ValueError, match="decoder 'linear' with network_kind 'cnn'"):
+        build_segmentation_network("cnn", "tiny", 2, ROI, decoder="linear")
     cnn = build_segmentation_network("cnn", "tiny", 2, ROI, encoder_args={"init_filters": 16})
     assert cnn.convInit.conv.out_channels == 16  # tiny has 8
 
@@ -177,3 +180,32 @@ def test_encoder_of_any_depth_loads_into_its_network(tmp_path):
         network = build_segmentation_network("vit", "tiny", 2, ROI, encoder_args={"patch_size": patch, "num_layers": depth})
         report = zoo.load_pretrained_encoder(network, "vit", model_path=tmp_path / "model.pt")
         assert report.complete and report.expected == 3 + 14 * depth + 2, (depth, patch)
+
+
+def test_linear_decoder_reads_the_image_only_through_the_tokens():
+    """With the patch projection zeroed, UNETR still sees the image (its raw-image branch); the linear head does not."""
+    torch.manual_seed(0)
+    x, other = torch.rand(2, 1, 1, ROI, ROI, ROI, generator=torch.Generator().manual_seed(3))
+    for decoder, sees_image in (("default", True), ("linear", False)):
+        network = build_segmentation_network("vit", "tiny", 3, ROI, encoder_args=TINY_PATCH8, decoder=decoder).eval()
+        with torch.no_grad():
+            network.vit.patch_embedding.patch_embeddings.weight.zero_()
+            changed = not torch.allclose(network(x), network(other))
+        assert changed == sees_image, decoder
+    assert isinstance(network, ViTLinearSegmenter) and network(x).shape == (1, 3, ROI, ROI, ROI)
+
+
+def test_linear_probe_trains_only_the_head(tmp_path):
+    _maesil_bundle(tmp_path, patch_size=8, encoder_layers=4, encoder_heads=3)
+    network = pretrained_network(
+        build_segmentation_network("vit", "tiny", 3, ROI, encoder_args=TINY_PATCH8, decoder="linear"), "vit",
+        {"bundle_name": "maesil", "bundle_dir": str(tmp_path)}, freeze=True,
+    )
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    x = torch.rand(2, 1, ROI, ROI, ROI, generator=torch.Generator().manual_seed(4))
+    torch.nn.functional.cross_entropy(network(x), torch.randint(0, 3, (2, ROI, ROI, ROI))).backward()
+    optimizer.step()
+    changed = {k for k, v in network.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith(("norm.", "head.")) for k in changed), sorted(changed)
+    assert {"head.weight", "head.bias", "norm.weight", "norm.bias"} <= changed

@@ -40,6 +40,7 @@ __all__ = [
     "SwinEncoder",
     "CNNEncoder",
     "GeneralizedUNETR",
+    "ViTLinearSegmenter",
     "ENCODER_SIZES",
     "SEGMENTATION_PREFIX",
     "build_encoder",
@@ -357,24 +358,8 @@ class GeneralizedUNETR(nn.Module):
         self.patch_size = ensure_tuple_rep(patch_size, spatial_dims)
         self.feat_size = tuple(size // patch_size for size in img_size)
         self.hidden_size = hidden_size
-        self.vit = ViT(
-            in_channels=in_channels,
-            img_size=img_size,
-            patch_size=patch_size,
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            proj_type="conv",
-            dropout_rate=dropout_rate,
-            spatial_dims=spatial_dims,
-            qkv_bias=qkv_bias,
-        )
-        if dropout_rate == 0.0:
-            # MONAI's ViT has no switch for it; its attention blocks read this flag at every call.
-            # MONAI passes the dropout rate to the fused kernel in eval mode too, hence only without dropout.
-            for block in self.vit.blocks:
-                block.attn.use_flash_attention = True
+        self.vit = _monai_vit(in_channels, img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads,
+                              dropout_rate, spatial_dims, qkv_bias)
         self.encoder1 = UnetrBasicBlock(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
@@ -420,6 +405,90 @@ class GeneralizedUNETR(nn.Module):
         dec2 = self.decoder4(dec3, enc3)
         dec1 = self.decoder3(dec2, enc2)
         return self.out(self.decoder2(dec1, enc1))
+
+
+class ViTLinearSegmenter(nn.Module):
+    """A ViT with a linear head on its tokens: segmentation by linear probing of the encoder.
+
+    Per token, BatchNorm then one linear map (a 1×1 convolution) of the concatenated raw outputs
+    of three blocks (:func:`unetr_skip_blocks`, UNETR's skips) and the normed last output give the
+    class logits of its patch; trilinear upsampling takes them to voxels. UNETR also has a
+    convolutional branch on the raw image, which can learn organs on its own whatever the ViT
+    holds; here every logit comes from the encoder's tokens, so with the encoder frozen the Dice
+    measures what the encoder learnt. MONAI's ``ViT`` sits under ``vit``, as in UNETR.
+
+    ``forward(x)``: (B, in_channels, *img_size) -> logits (B, out_channels, *img_size).
+
+    Args: as :class:`GeneralizedUNETR` (no decoder width: the head is linear).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        img_size: Sequence[int] | int,
+        patch_size: int = 16,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        skip_blocks: Sequence[int] | None = None,
+        dropout_rate: float = 0.0,
+        spatial_dims: int = 3,
+        qkv_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = ensure_tuple_rep(img_size, spatial_dims)
+        _check_patch_grid(self.img_size, patch_size)
+        self.skip_blocks = unetr_skip_blocks(num_layers) if skip_blocks is None else tuple(skip_blocks)
+        self.grid_shape = tuple(size // patch_size for size in self.img_size)
+        self.vit = _monai_vit(in_channels, self.img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads,
+                              dropout_rate, spatial_dims, qkv_bias)
+        features = hidden_size * (len(self.skip_blocks) + 1)
+        self.norm = (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(features)
+        self.head = (nn.Conv3d if spatial_dims == 3 else nn.Conv2d)(features, out_channels, kernel_size=1)
+        freeze_unused_cross_attention_norms(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output, hidden_states = self.vit(x)
+        tokens = torch.cat([hidden_states[block] for block in self.skip_blocks] + [output], dim=-1)  # (B, N, F)
+        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid_shape)  # (B, F, *grid)
+        mode = "trilinear" if len(self.grid_shape) == 3 else "bilinear"
+        return F.interpolate(self.head(self.norm(grid)), size=self.img_size, mode=mode, align_corners=False)
+
+
+def _monai_vit(
+    in_channels: int,
+    img_size: Sequence[int],
+    patch_size: int,
+    hidden_size: int,
+    mlp_dim: int,
+    num_layers: int,
+    num_heads: int,
+    dropout_rate: float,
+    spatial_dims: int,
+    qkv_bias: bool,
+) -> ViT:
+    """MONAI's ViT with the conv patch embedding, attention through SDPA when there is no dropout."""
+    vit = ViT(
+        in_channels=in_channels,
+        img_size=img_size,
+        patch_size=patch_size,
+        hidden_size=hidden_size,
+        mlp_dim=mlp_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        proj_type="conv",
+        dropout_rate=dropout_rate,
+        spatial_dims=spatial_dims,
+        qkv_bias=qkv_bias,
+    )
+    if dropout_rate == 0.0:
+        # MONAI's ViT has no switch for it; its attention blocks read this flag at every call.
+        # MONAI passes the dropout rate to the fused kernel in eval mode too, hence only without dropout.
+        for block in vit.blocks:
+            block.attn.use_flash_attention = True
+    return vit
 
 
 def _check_patch_grid(img_size: Sequence[int], patch_size: int) -> None:
@@ -473,17 +542,29 @@ def build_segmentation_network(
     qkv_bias: bool = True,
     dropout_rate: float = 0.0,
     encoder_args: Mapping[str, Any] | None = None,
+    decoder: str = "default",
 ) -> nn.Module:
     """The segmentation network that takes the ``kind``/``size`` encoder's weights.
 
     vit -> UNETR (skips from blocks 3/6/9 and the output): MONAI's own at patch 16 and 12 blocks,
     :class:`GeneralizedUNETR` for any other patch size or depth; swin -> SwinUNETR; cnn -> SegResNet.
-    ``feature_size`` is UNETR's decoder width; Swin and CNN take theirs from the encoder size.
-    ``encoder_args`` replace entries of the size preset, as the pretraining bundle did (MAESIL:
-    ``{"patch_size": 8, "num_layers": 6, "num_heads": 8}``); keys outside the preset are refused.
-    The encoder sits under :data:`SEGMENTATION_PREFIX` ``[kind]``.
+    ``decoder="linear"`` (vit only) gives :class:`ViTLinearSegmenter` instead: a linear head on
+    the tokens, for linear probing. ``feature_size`` is UNETR's decoder width; Swin and CNN take
+    theirs from the encoder size. ``encoder_args`` replace entries of the size preset, as the
+    pretraining bundle did (MAESIL: ``{"patch_size": 8, "num_layers": 6, "num_heads": 8}``); keys
+    outside the preset are refused. The encoder sits under :data:`SEGMENTATION_PREFIX` ``[kind]``.
     """
     args = _size_args(kind, size, encoder_args)
+    if decoder not in ("default", "linear") or (decoder == "linear" and kind != "vit"):
+        raise ValueError(
+            f"decoder {decoder!r} with network_kind {kind!r}: choose 'default' (the kind's segmentation "
+            f"network), or 'linear' (a linear head on the tokens) with network_kind 'vit'"
+        )
+    if decoder == "linear":
+        return ViTLinearSegmenter(
+            in_channels, out_channels, img_size, dropout_rate=dropout_rate, spatial_dims=spatial_dims,
+            qkv_bias=qkv_bias, **args,
+        )
     if kind == "vit":
         if args["patch_size"] != 16 or args["num_layers"] != 12:
             return GeneralizedUNETR(
