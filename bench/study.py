@@ -28,8 +28,14 @@ runs it records are not run again. A method whose runs still to do need pretrain
 pretrained again; where that gives other weights (another machine), the report says which of
 its results came from which pretraining run.
 
+``--decoder linear`` fine-tunes a linear head on the ViT's tokens instead of UNETR (ViT methods
+only, runs in ``runs/study/<size>-linear``, its own ``--out``): UNETR's convolutional branch on
+the raw image learns organs whatever the encoder holds, the linear head reads only the encoder
+(docs/study_findings.md, E6 and E7).
+
     python bench/study.py --size smoke --out /tmp/study_smoke.md        # minutes: checks the pipeline
     python bench/study.py --size small --out docs/results.md --jobs 2   # hours on 2 CPU cores
+    python bench/study.py --size small --decoder linear --out docs/results_linear.md
     python bench/study.py --size paper --out docs/results_paper.md      # GPU sizes
 """
 
@@ -50,7 +56,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -489,12 +495,23 @@ def pretraining_plan(root: Path, preset: Preset, runs: Path) -> tuple[dict[str, 
     return overrides, networks
 
 
+def with_decoder(networks: Mapping[str, Mapping[str, Any]], decoder: str) -> dict[str, dict[str, Any]]:
+    """The networks with seg_finetune's ``decoder``: "default" keeps them all, "linear" (a linear head on
+    the tokens) keeps the ViT ones."""
+    if decoder == "default":
+        return {name: dict(network) for name, network in networks.items()}
+    return {name: {**network, "decoder": decoder} for name, network in networks.items()
+            if network["network_kind"] == "vit"}
+
+
 def network_label(network: Mapping[str, Any]) -> str:
-    """Short folder-safe name of a network, e.g. ``vit-tiny-64`` or ``vit-tiny-48-patch_size8-num_layers4``."""
+    """Short folder-safe name of a network, e.g. ``vit-tiny-64`` or ``vit-tiny-48-patch_size8-num_layers4``
+    (``-linear`` appended for the linear decoder)."""
     roi = network["roi_size"]
     crop = str(roi[0]) if len(set(roi)) == 1 else "x".join(map(str, roi))
     extra = "".join(f"-{key}{value}" for key, value in sorted(network["encoder_args"].items()))
-    return f"{network['network_kind']}-{network['encoder_size']}-{crop}{extra}"
+    decoder = "" if network.get("decoder", "default") == "default" else f"-{network['decoder']}"
+    return f"{network['network_kind']}-{network['encoder_size']}-{crop}{extra}{decoder}"
 
 
 def _volume(shape: Sequence[int]) -> str:
@@ -506,7 +523,8 @@ def describe_network(network: Mapping[str, Any]) -> str:
     """e.g. ``UNETR (vit-tiny, patch_size 8, num_layers 4), 48³ crops``."""
     kind, roi = network["network_kind"], network["roi_size"]
     extra = "".join(f", {key} {value}" for key, value in sorted(network["encoder_args"].items()))
-    return f"{NETWORK_NAMES[kind]} ({kind}-{network['encoder_size']}{extra}), {_volume(roi)} crops"
+    name = NETWORK_NAMES[kind] if network.get("decoder", "default") == "default" else "ViT + linear head"
+    return f"{name} ({kind}-{network['encoder_size']}{extra}), {_volume(roi)} crops"
 
 
 def plan_starts(networks: Mapping[str, Mapping[str, Any]]) -> list[Start]:
@@ -836,6 +854,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run frozen-encoder probing only at these of the preset's k (default all; none: no probing)")
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="run only these of the preset's seeds (default all); a mean over fewer seeds says so")
+    parser.add_argument("--decoder", choices=("default", "linear"), default="default",
+                        help="seg_finetune's decoder: default (UNETR, SwinUNETR, SegResNet) or linear (a linear head "
+                             "on the ViT's tokens, ViT methods only; runs in runs/study/<size>-linear by default; "
+                             "give it an --out of its own)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write --out from every run of the narrowed grid that is already done")
     args = parser.parse_args(argv)
@@ -848,13 +870,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     root = repository_root()
     preset = PRESETS[args.size]
     selected = run_selection(parser, preset, args)
-    runs = Path(args.runs).resolve() if args.runs else root / "runs" / "study" / args.size
+    folder = args.size if args.decoder == "default" else f"{args.size}-{args.decoder}"
+    runs = Path(args.runs).resolve() if args.runs else root / "runs" / "study" / folder
     out = Path(args.out).resolve()
     script = Path(__file__).resolve().relative_to(root)
     command = shlex.join(["python", str(script), *(sys.argv[1:] if argv is None else argv)])
     print(f"study {args.size}: {preset.note}\nruns in {runs}", flush=True)
 
     pretrain_overrides, networks = pretraining_plan(root, preset, runs)
+    networks = with_decoder(networks, args.decoder)
+    unsupported = sorted(set(args.methods or ()) - set(networks))
+    if unsupported:
+        parser.error(f"--decoder {args.decoder} needs a ViT encoder; {unsupported} have none")
+    selected = replace(selected, methods=tuple(method for method in selected.methods if method in networks))
     settings = study_settings(args.size, preset, networks)
     guard_settings(runs, settings)
     record = StudyRecord.open(out.with_suffix(".json"), settings)

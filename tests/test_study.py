@@ -266,3 +266,25 @@ def test_a_cell_of_fewer_seeds_than_the_study_says_how_many(tmp_path):
     network_cell = "SegResNet (cnn-tiny), 32³ crops"
     assert f"| frepa_cnn | finetune | {network_cell} | 45.0 ± 10.0 | 40.0 ± 7.1 (2 of 3 seeds) |" in text
     assert "| frepa_cnn | finetune | 5.0 ± 0.0 | 5.0 ± 0.0 (2 of 3 seeds) |" in text
+
+
+def test_linear_decoder_fine_tunes_the_vit_methods_in_folders_of_their_own(tmp_path, capsys):
+    preset = study.PRESETS["smoke"]
+    _, networks = study.pretraining_plan(ROOT, preset, tmp_path)
+    assert study.with_decoder(networks, "default") == networks
+    linear = study.with_decoder(networks, "linear")
+    assert set(linear) == {"hiend_mae", "maesil", "frepa_vit"}
+    assert study.describe_network(linear["maesil"]).startswith("ViT + linear head (vit-tiny, num_heads 3")
+    starts = study.plan_starts(linear)
+    assert {s.folder for s in starts if s.mode == "scratch"} == {
+        f"scratch_{study.network_label(networks[name])}-linear" for name in ("hiend_mae", "maesil")}
+    data = {"test": tmp_path / "test.json", "finetune_seed0": tmp_path / "ft0.json"}
+    weights = {name: tmp_path / name / "model.pt" for name in linear}
+    chains = [study.finetune_chain(preset, start, 1, 0, tmp_path, data, weights) for start in starts]
+    study.check_overrides(ROOT, [step for chain in chains for step in chain])  # seg_finetune has "decoder"
+    assert all(step.overrides["decoder"] == "linear" for chain in chains for step in chain)
+
+    with pytest.raises(SystemExit):
+        study.main(["--size", "smoke", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"),
+                    "--decoder", "linear", "--methods", "frepa_cnn"])
+    assert "--decoder linear needs a ViT encoder; ['frepa_cnn'] have none" in capsys.readouterr().err
