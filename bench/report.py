@@ -109,6 +109,8 @@ def pretrain_step_section(path: Path, report: dict) -> list[str]:
         f"{', torch.compile' if report.get('compile') else ''})",
         "",
         *provenance(path, report),
+        "A step is the forward pass, the backward pass and the bundle's `optimizer` step (AdamW with "
+        "`fused=True` in every bundle) with its gradient clipping. "
         f"Median of {report['steps']} steps after {report['warmup']} warm-up steps, each network alternating with "
         f"its MONAI reference. GEMM rate in the same run: {report['gemm_gflop_s']:.1f} GFLOP/s "
         f"({report.get('gemm_gflop_s_at_end', 0):.1f} at the end){peak}. FLOPs: {report['flop_counting']}. "
