@@ -1,8 +1,8 @@
 """`make demo`: does pretraining help when labels are scarce? One small, real run of the question.
 
 1. Pretrain Hi-End-MAE with its demo preset on the embedded phantom CT scans.
-2. Fine-tune seg_finetune (UNETR) from those weights and from scratch, with the same budget and
-   the same few labelled scans.
+2. Fine-tune seg_finetune (UNETR, or with ``--decoder linear`` a linear head on the ViT's tokens)
+   from those weights and from scratch, with the same budget and the same few labelled scans.
 3. Evaluate both on held-out phantoms (their own phantom seed: never trained on, never used to
    pick a checkpoint) and print their mean foreground Dice.
 
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
                              "the large organs, docs/study_findings.md)")
     parser.add_argument("--out", default="runs/demo", help="folder for the fine-tuning runs (relative to the repository)")
     parser.add_argument("--held-out", type=int, default=4, help="held-out phantom scans to evaluate on")
+    parser.add_argument("--decoder", choices=("default", "linear"), default="default",
+                        help="seg_finetune's decoder: default (UNETR) or linear (a linear head on the ViT's tokens, "
+                             "so that the result comes through the encoder; docs/study_findings.md, E7)")
     args = parser.parse_args(argv)
     if args.steps % args.labels:
         parser.error(f"--steps {args.steps} is not a multiple of --labels {args.labels}: an epoch is one step per scan")
@@ -110,15 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     dice = {}
     for start in ("pretrained", "scratch"):
         run_dir = out / start
-        common = ["--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "eval"),
-                  "--data_root", str(out / "data"), "--label_count", str(args.labels)]
+        network = ["--ckpt_dir", str(run_dir / "models"), "--decoder", args.decoder]
+        common = [*network, "--output_dir", str(run_dir / "eval"), "--data_root", str(out / "data"),
+                  "--label_count", str(args.labels)]
         times[f"fine-tuning ({start})"] = run_bundle(finetune, DEMO_CONFIGS, *common, *budget,
                                                      *(source if start == "pretrained" else []))
-        run_bundle(finetune, EVALUATE_CONFIGS, *common[:2], "--output_dir", str(run_dir / "held_out"),
+        run_bundle(finetune, EVALUATE_CONFIGS, *network, "--output_dir", str(run_dir / "held_out"),
                    "--dataset_dir", str(held_out), "--num_val", str(args.held_out))
         dice[start] = read_metric(run_dir / "held_out" / "metrics.csv", "val_mean_dice")
 
-    print(f"\nMean foreground Dice on {args.held_out} held-out phantoms (UNETR, ViT-tiny encoder, "
+    network = "UNETR" if args.decoder == "default" else "linear head"
+    print(f"\nMean foreground Dice on {args.held_out} held-out phantoms ({network}, ViT-tiny encoder, "
           f"{args.labels} labelled phantom scan(s), {args.steps} fine-tuning steps for both):")
     print(f"  from Hi-End-MAE pretraining: {dice['pretrained']:.4f}")
     print(f"  from scratch:                {dice['scratch']:.4f}")
