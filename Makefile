@@ -50,6 +50,7 @@ BENCH_PAPER_NETWORKS ?= hiend_mae maesil frepa_vit
 
 bench: venv
 	$(BIN)/python bench/bench_pretrain_step.py --preset demo --warmup 1 --steps 2 --out bench/results/pretrain_step_demo.json
+	$(BIN)/python bench/bench_pretrain_step.py --preset demo --networks hiend_mae maesil frepa_vit --compile --warmup 2 --steps 10 --out bench/results/pretrain_step_demo_compile.json
 	$(BIN)/python bench/bench_pretrain_step.py --preset paper --networks $(BENCH_PAPER_NETWORKS) --warmup 1 --steps 2 --out bench/results/pretrain_step_paper.json
 	$(BIN)/python bench/bench_data.py --preset demo --out bench/results/data_demo.json
 	$(BIN)/python bench/bench_data.py --preset paper --batch-size 2 --out bench/results/data_paper.json

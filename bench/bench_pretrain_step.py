@@ -368,6 +368,10 @@ def time_network(name: str, roles: Mapping[str, bool], args: argparse.Namespace,
                  gemm: float) -> dict:
     """Step time, throughput and FLOPs of NETWORKS[name] and its reference, timed alternating."""
     preset = PRESETS[args.preset]
+    if args.compile:
+        # Code shared with an earlier network (the encoder, patchify) would be recompiled for dynamic
+        # shapes, which the masking's random draws do not trace; one bundle per process never sees that.
+        torch._dynamo.reset()
     steps = {role: build_step(name, reference, preset, args.batch, device, args.compile)
              for role, reference in roles.items()}
     flops = {role: step.flops() for role, step in steps.items()}

@@ -58,6 +58,9 @@ def test_vit_on_visible_tokens_equals_full_embedding_then_gather():
             tokens = block(tokens)
     assert visible.shape == (2, 16, 192) and len(hidden) == 2
     torch.testing.assert_close(visible, encoder.norm(tokens))
+    # A Python int: torch.compile traces a numpy integer (MONAI's n_patches) as a tensor, and the
+    # mask drawn from it then fails to compile.
+    assert type(encoder.num_tokens) is int and encoder.num_tokens == encoder.patch_embedding.n_patches == 64
 
 
 def test_vit_attention_goes_through_sdpa(monkeypatch):

@@ -16,6 +16,7 @@ SegResNet.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -127,10 +128,9 @@ class ViTEncoder(nn.Module):
         self.hidden_size = hidden_size
         self.patch_size = self.patch_embedding.patch_embeddings.kernel_size
         self.grid_shape = tuple(s // p for s, p in zip(ensure_tuple_rep(img_size, spatial_dims), self.patch_size))
+        # A Python int (MONAI's n_patches is a numpy integer, which torch.compile traces as a tensor).
+        self.num_tokens = math.prod(self.grid_shape)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.patch_embedding.n_patches
 
     def embed(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens with position embedding: (B, N, D), or (B, K, D) for the ids_keep tokens.
