@@ -928,7 +928,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     wall = time.perf_counter() - started
     from_record = len(results) - len(from_folder)
     header = [
-        "# Pretraining vs training from scratch with scarce labels (issue #11)", "",
+        "# Pretraining vs training from scratch with scarce labels (issue #11)"
+        + ("" if args.decoder == "default" else ": a linear head on the ViT's tokens"), "",
         f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; every number below was "
         "measured by a finished bundle run that this invocation made, found done in its runs folder, or found in "
         "the study's record (where the runs of earlier invocations, on this or another machine, are kept).", "",
