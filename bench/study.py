@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from medssl.demo import HELD_OUT_PHANTOM_SEED, bundle_command, read_metric, repository_root, run_bundle, shown_command
+from medssl.encoders import SEGMENTATION_DECODERS
 
 PRETRAIN_PHANTOM_SEED = 1000  # the pretraining bundles' own phantom_seed
 FINETUNE_PHANTOM_SEED = 0  # seg_finetune's default phantoms
@@ -854,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run frozen-encoder probing only at these of the preset's k (default all; none: no probing)")
     parser.add_argument("--seeds", nargs="+", type=int,
                         help="run only these of the preset's seeds (default all); a mean over fewer seeds says so")
-    parser.add_argument("--decoder", choices=("default", "linear"), default="default",
+    parser.add_argument("--decoder", choices=SEGMENTATION_DECODERS, default="default",
                         help="seg_finetune's decoder: default (UNETR, SwinUNETR, SegResNet) or linear (a linear head "
                              "on the ViT's tokens, ViT methods only; runs in runs/study/<size>-linear by default; "
                              "give it an --out of its own)")

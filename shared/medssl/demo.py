@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from medssl.data import default_dataset
+from medssl.encoders import SEGMENTATION_DECODERS
 
 # Pretraining phantoms use seed 1000 and fine-tuning ones seed 0 (the bundles' defaults).
 HELD_OUT_PHANTOM_SEED = 2000
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                              "the large organs, docs/study_findings.md)")
     parser.add_argument("--out", default="runs/demo", help="folder for the fine-tuning runs (relative to the repository)")
     parser.add_argument("--held-out", type=int, default=4, help="held-out phantom scans to evaluate on")
-    parser.add_argument("--decoder", choices=("default", "linear"), default="default",
+    parser.add_argument("--decoder", choices=SEGMENTATION_DECODERS, default="default",
                         help="seg_finetune's decoder: default (UNETR) or linear (a linear head on the ViT's tokens, "
                              "so that the result comes through the encoder; docs/study_findings.md, E7)")
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from monai.networks.blocks import (
     UnetrPrUpBlock,
     UnetrUpBlock,
 )
+from monai.networks.layers import Conv, Norm
 from monai.networks.nets import SegResNet, SwinUNETR, UNETR, ViT
 from monai.networks.nets.swin_unetr import MERGING_MODE, SwinTransformer
 from monai.utils import ensure_tuple_rep
@@ -44,6 +45,7 @@ __all__ = [
     "ViTLinearSegmenter",
     "ENCODER_SIZES",
     "SEGMENTATION_PREFIX",
+    "SEGMENTATION_DECODERS",
     "build_encoder",
     "build_segmentation_network",
     "unetr_skip_blocks",
@@ -73,6 +75,9 @@ ENCODER_SIZES: dict[str, dict[str, dict]] = {
         "base": {"init_filters": 32, "blocks_down": (1, 2, 2, 4)},
     },
 }
+
+# Decoders of build_segmentation_network: the kind's own network, or a linear head on ViT tokens.
+SEGMENTATION_DECODERS: tuple[str, ...] = ("default", "linear")
 
 # Where each encoder's weights sit inside its MONAI segmentation network.
 SEGMENTATION_PREFIX: dict[str, str] = {"vit": "vit.", "swin": "swinViT.", "cnn": ""}
@@ -445,8 +450,8 @@ class ViTLinearSegmenter(nn.Module):
         self.vit = _monai_vit(in_channels, self.img_size, patch_size, hidden_size, mlp_dim, num_layers, num_heads,
                               dropout_rate, spatial_dims, qkv_bias)
         features = hidden_size * (len(self.skip_blocks) + 1)
-        self.norm = (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(features)
-        self.head = (nn.Conv3d if spatial_dims == 3 else nn.Conv2d)(features, out_channels, kernel_size=1)
+        self.norm = Norm[Norm.BATCH, spatial_dims](features)
+        self.head = Conv[Conv.CONV, spatial_dims](features, out_channels, kernel_size=1)
         freeze_unused_cross_attention_norms(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -555,7 +560,7 @@ def build_segmentation_network(
     outside the preset are refused. The encoder sits under :data:`SEGMENTATION_PREFIX` ``[kind]``.
     """
     args = _size_args(kind, size, encoder_args)
-    if decoder not in ("default", "linear") or (decoder == "linear" and kind != "vit"):
+    if decoder not in SEGMENTATION_DECODERS or (decoder == "linear" and kind != "vit"):
         raise ValueError(
             f"decoder {decoder!r} with network_kind {kind!r}: choose 'default' (the kind's segmentation "
             f"network), or 'linear' (a linear head on the tokens) with network_kind 'vit'"
