@@ -332,8 +332,7 @@ def _hermitian_noise(
     ``dtype`` is the complex dtype; its real and imaginary parts are drawn as one
     :func:`medssl.noise.standard_normal` tensor (*shape, 2).
     """
-    real_dtype = torch.empty((), dtype=dtype).real.dtype
-    noise = torch.view_as_complex(standard_normal((*shape, 2), real_dtype, device, generator))  # E|z|^2 = 2
+    noise = torch.view_as_complex(standard_normal((*shape, 2), dtype.to_real(), device, generator))  # E|z|^2 = 2
     planes = _self_mirrored_planes(spatial_shape[-1])
     in_planes = noise[..., planes]
     mirrored = _mirror(in_planes, _spatial_axes(len(spatial_shape))[:-1])  # -k stays in its plane
