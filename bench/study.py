@@ -6,7 +6,8 @@ runs, its log kept beside its outputs):
 1. pretrain hiend_mae, maesil and frepa (one run per encoder kind: vit, swin, cnn) on unlabelled
    scans (phantom seed 1000), once per method, each into ``<runs>/pretrain/<method>/``;
 2. fine-tune bundles/seg_finetune from each pretrained encoder, from scratch (the same network)
-   and with the pretrained encoder frozen (probing), on k labelled scans of the fine-tuning pool
+   and with the pretrained encoder frozen (probing; baseline: the encoder frozen at its random
+   initialisation), on k labelled scans of the fine-tuning pool
    (phantom seed 0), with the same budget of optimiser steps for every start and every k; the
    best epoch is chosen on the pool's validation scans;
 3. evaluate per-organ Dice (seg_finetune's evaluate.json) on held-out scans (phantom seed 2000)
@@ -213,9 +214,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Modes whose encoder stays frozen: a pretrained one ("probe"), and one left at its random
+# initialisation ("random_probe"), the baseline that shows what probing owes to pretraining.
+PROBE_MODES = ("probe", "random_probe")
+
+
 @dataclass(frozen=True)
 class Start:
-    """How a fine-tuning run starts: ``mode`` "scratch", "finetune" (pretrained) or "probe" (frozen)."""
+    """How a fine-tuning run starts: ``mode`` "scratch", "finetune" (pretrained) or one of :data:`PROBE_MODES`."""
 
     folder: str
     mode: str
@@ -529,7 +535,8 @@ def describe_network(network: Mapping[str, Any]) -> str:
 
 
 def plan_starts(networks: Mapping[str, Mapping[str, Any]]) -> list[Start]:
-    """Scratch once per distinct network, then each pretraining fine-tuned and probed."""
+    """Scratch once per distinct network, then each pretraining fine-tuned and probed, then each distinct
+    network probed with its encoder frozen at its random initialisation."""
     starts, scratch = [], {}
     for network in networks.values():
         label = network_label(network)
@@ -539,6 +546,7 @@ def plan_starts(networks: Mapping[str, Mapping[str, Any]]) -> list[Start]:
     for name, network in networks.items():
         starts.append(Start(name, "finetune", network, name))
         starts.append(Start(f"{name}_probe", "probe", network, name))
+    starts += [Start(f"random_probe_{label}", "random_probe", start.network) for label, start in scratch.items()]
     return starts
 
 
@@ -549,7 +557,7 @@ def finetune_chain(preset: Preset, start: Start, k: int, seed: int, runs: Path, 
     source = {}
     if start.pretraining is not None:
         source["pretrained#model_path"] = str(weights[start.pretraining])
-    if start.mode == "probe":
+    if start.mode in PROBE_MODES:
         source["freeze_encoder"] = True
     common = {"bundle_root": str(folder), "ckpt_dir": str(folder / "models"), "seed": seed, **start.network}
     train = {
@@ -580,7 +588,7 @@ def fine_tuning_runs(preset: Preset | Selection, starts: Sequence[Start]) -> lis
     for seed in preset.seeds:
         for k in sorted(set(preset.label_counts) | set(preset.probe_label_counts)):
             for start in starts:
-                counts = preset.probe_label_counts if start.mode == "probe" else preset.label_counts
+                counts = preset.probe_label_counts if start.mode in PROBE_MODES else preset.label_counts
                 if k in counts:
                     runs.append((start, k, seed))
     return runs
@@ -626,8 +634,9 @@ def paired_gains(results: Sequence[RunResult], start: Start, baseline: Start, k:
     return [r.mean - base[r.seed] for r in results if r.start == start and r.k == k and r.seed in base]
 
 
-def scratch_of(start: Start, starts: Sequence[Start]) -> Start:
-    return next(s for s in starts if s.mode == "scratch" and s.network == start.network)
+def scratch_of(start: Start, starts: Sequence[Start], mode: str = "scratch") -> Start:
+    """The start of ``mode`` (a baseline: "scratch" or "random_probe") with the same network as ``start``."""
+    return next(s for s in starts if s.mode == mode and s.network == start.network)
 
 
 def _values(results: Sequence[RunResult], start: Start, k: int, key: Callable[[RunResult], float]) -> list[float]:
@@ -658,7 +667,13 @@ def verdict(results: Sequence[RunResult], starts: Sequence[Start], pretraining: 
     probe_gains = paired_gains(results, probe, scratch, 1)
     if probe_gains:
         text += (f" Frozen encoder (probing): {mean_sd(_values(results, probe, 1, _mean))}, "
-                 f"{mean_sd(probe_gains)} points against scratch.")
+                 f"{mean_sd(probe_gains)} points against scratch")
+        random_probe = scratch_of(probe, starts, "random_probe")
+        over_random = paired_gains(results, probe, random_probe, 1)
+        if over_random:
+            text += (f", {mean_sd(over_random)} against the encoder frozen at its random initialisation "
+                     f"({mean_sd(_values(results, random_probe, 1, _mean))})")
+        text += "."
     return text
 
 
@@ -694,6 +709,18 @@ def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], pres
         rows.append([start.folder, start.mode,
                      *(_seeds_cell(paired_gains(results, start, baseline, k), preset.seeds) for k in counts)])
     lines += _table(["start", "mode", *(f"k = {k}" for k in counts)], rows)
+
+    if preset.probe_label_counts:
+        lines += ["", "## Frozen pretrained encoder vs the same encoder frozen at its random initialisation "
+                  "(Dice points, paired by seed)", "",
+                  "What probing owes to pretraining: the trainable parts of the network are the same in both.", ""]
+        rows = []
+        for start in starts:
+            if start.mode == "probe":
+                baseline = scratch_of(start, starts, "random_probe")
+                rows.append([start.folder, *(_seeds_cell(paired_gains(results, start, baseline, k), preset.seeds)
+                                             for k in preset.probe_label_counts)])
+        lines += _table(["start", *(f"k = {k}" for k in preset.probe_label_counts)], rows)
 
     for k in counts:
         organs = next((list(r.organs) for r in results if r.k == k), [])
@@ -752,7 +779,8 @@ def setup_markdown(preset: Preset, record: StudyRecord, results: Sequence[RunRes
         f"- Fine-tuning: bundles/seg_finetune `{config_list(preset.finetune_configs)}`, {preset.steps} optimiser steps "
         f"of one labelled scan × {preset.crops_per_step} crops for every k (epochs = {preset.steps} / k), warm-up "
         f"{preset.warmup_steps} steps, {validation}; label counts k = "
-        f"{list(preset.label_counts)}, frozen-encoder probing at k = {list(preset.probe_label_counts)}; seeds "
+        f"{list(preset.label_counts)}, frozen-encoder probing at k = {list(preset.probe_label_counts)} (each "
+        "pretrained encoder, and each network's encoder frozen at its random initialisation); seeds "
         f"{list(preset.seeds)} (fine-tuning initialisation, crops, labelled scans).",
         "- Each method is pretrained once (the bundles' seed 0) and every fine-tuning run of it starts from those "
         "weights, so the sd over seeds does not include the variation between pretraining runs, except for a "

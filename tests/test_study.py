@@ -50,10 +50,13 @@ def test_mean_sd_in_dice_points():
 def test_tables_and_verdicts_come_from_the_csvs(tmp_path):
     network = {"network_kind": "vit", "encoder_size": "tiny", "roi_size": [64, 64, 64], "encoder_args": {}}
     starts = study.plan_starts({"good": network, "weak": network})
-    assert [s.folder for s in starts] == ["scratch_vit-tiny-64", "good", "good_probe", "weak", "weak_probe"]
-    # mean Dice per seed; gains over scratch, paired by seed: good +5, +2, +6 (mean 4.33); weak +1, +2, +3 (mean 2)
+    assert [s.folder for s in starts] == ["scratch_vit-tiny-64", "good", "good_probe", "weak", "weak_probe",
+                                          "random_probe_vit-tiny-64"]
+    # mean Dice per seed; gains over scratch, paired by seed: good +5, +2, +6 (mean 4.33); weak +1, +2, +3 (mean 2);
+    # probes over the frozen random encoder: good_probe +5, +8, +8 (mean 7), weak_probe +15, +18, +18 (mean 17)
     means = {"scratch_vit-tiny-64": [0.40, 0.50, 0.60], "good": [0.45, 0.52, 0.66], "good_probe": [0.30, 0.40, 0.50],
-             "weak": [0.41, 0.52, 0.63], "weak_probe": [0.40, 0.50, 0.60]}
+             "weak": [0.41, 0.52, 0.63], "weak_probe": [0.40, 0.50, 0.60],
+             "random_probe_vit-tiny-64": [0.25, 0.32, 0.42]}
     results = []
     for start in starts:
         for seed, mean in enumerate(means[start.folder]):
@@ -72,6 +75,10 @@ def test_tables_and_verdicts_come_from_the_csvs(tmp_path):
     assert "| good | finetune | 4.3 ± 2.1 |" in text  # paired: sd of (5, 2, 6), not of the two columns
     assert "| weak | finetune | 2.0 ± 1.0 |" in text
     assert "| good_probe | probe | -10.0 ± 0.0 |" in text
+    assert "| random_probe_vit-tiny-64 | random_probe | -17.0 ± 1.7 |" in text  # over scratch: -15, -18, -18
+    assert "| good_probe | 7.0 ± 1.7 |" in text and "| weak_probe | 17.0 ± 1.7 |" in text
+    assert ("Frozen encoder (probing): 45.0 ± 10.0, -10.0 ± 0.0 points against scratch, 7.0 ± 1.7 against the "
+            "encoder frozen at its random initialisation (38.0 ± 8.5).") in text
     assert "**good**" in text
     assert "mean paired gain +4.33 Dice points (3 seeds, sd 2.08): the ≥ 3-point target is met" in text
     assert "mean paired gain +2.00 Dice points (3 seeds, sd 1.00): the ≥ 3-point target is not met" in text
@@ -125,8 +132,8 @@ def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
     study.check_overrides(ROOT, [step for chain in chains for step in chain])
     for (start, k, _), (train, evaluate) in zip(runs, chains, strict=True):
         assert train.overrides["epochs"] * k == preset.steps  # the same budget of steps for every k
-        assert ("pretrained#model_path" in train.overrides) == (start.mode != "scratch")
-        assert train.overrides.get("freeze_encoder", False) == (start.mode == "probe")
+        assert ("pretrained#model_path" in train.overrides) == (start.mode in ("finetune", "probe"))
+        assert train.overrides.get("freeze_encoder", False) == (start.mode in ("probe", "random_probe"))
         assert evaluate.overrides["dataset_dir"] == str(data["test"])
         assert evaluate.overrides["num_val"] == preset.test_pool.num
     assert {k for _, k, _ in runs} == set(preset.label_counts) | set(preset.probe_label_counts)
@@ -235,7 +242,7 @@ def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_p
     pretraining = {"command": "(cd bundles/hiend_mae && python -m monai.bundle run --epochs 1)", "wall_s": 90.0,
                    "finished": "2026-12-06T01:00:00+00:00"}
     digest = record.add_pretraining("hiend_mae", weights, pretraining, "machine A")
-    starts = [s for s in study.plan_starts({"hiend_mae": networks["hiend_mae"]}) if s.mode != "probe"]
+    starts = [s for s in study.plan_starts({"hiend_mae": networks["hiend_mae"]}) if s.mode in ("scratch", "finetune")]
     for result, liver in zip(_recorded_results(tmp_path, starts, seeds=(0,)), (0.40, 0.46)):
         record.add(study.RunResult(result.start, 1, 0, {"liver": liver}, liver), [pretraining], "machine A",
                    None if result.start.mode == "scratch" else digest)
