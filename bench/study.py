@@ -63,9 +63,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medssl.demo import HELD_OUT_PHANTOM_SEED, bundle_command, read_metric, repository_root, run_bundle, shown_command
-from medssl.encoders import SEGMENTATION_DECODERS
+from medssl.encoders import SEGMENTATION_DECODERS, build_segmentation_network
+from medssl.zoo import encoder_state
 
 PRETRAIN_PHANTOM_SEED = 1000  # the pretraining bundles' own phantom_seed
 FINETUNE_PHANTOM_SEED = 0  # seg_finetune's default phantoms
@@ -550,6 +552,20 @@ def plan_starts(networks: Mapping[str, Mapping[str, Any]]) -> list[Start]:
     return starts
 
 
+def random_encoder_path(runs: Path, start: Start, seed: int) -> Path:
+    return runs / "random_encoders" / start.folder / f"seed{seed}.pt"
+
+
+def write_random_encoder(network: Mapping[str, Any], path: Path, seed: int) -> None:
+    """The encoder of ``network`` (seg_finetune settings) as initialised under ``seed``, saved in a pretraining
+    model.pt's format: the frozen encoder of the random-probe baseline (seg_finetune freezes only a loaded one)."""
+    torch.manual_seed(seed)
+    built = build_segmentation_network(network["network_kind"], network["encoder_size"], img_size=network["roi_size"],
+                                       encoder_args=network["encoder_args"], decoder=network.get("decoder", "default"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(encoder_state(built, network["network_kind"]), path)
+
+
 def finetune_chain(preset: Preset, start: Start, k: int, seed: int, runs: Path, data: Mapping[str, Path],
                    weights: Mapping[str, Path]) -> list[Step]:
     """Fine-tune then evaluate on the held-out scans: the two seg_finetune commands of one run."""
@@ -557,6 +573,8 @@ def finetune_chain(preset: Preset, start: Start, k: int, seed: int, runs: Path, 
     source = {}
     if start.pretraining is not None:
         source["pretrained#model_path"] = str(weights[start.pretraining])
+    elif start.mode == "random_probe":
+        source["pretrained#model_path"] = str(random_encoder_path(runs, start, seed))
     if start.mode in PROBE_MODES:
         source["freeze_encoder"] = True
     common = {"bundle_root": str(folder), "ckpt_dir": str(folder / "models"), "seed": seed, **start.network}
@@ -748,7 +766,6 @@ def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], pres
 def machine_description() -> str:
     """The machine and software a run was made with (its thread settings are the invocation's)."""
     import monai
-    import torch
 
     device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
     return (f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, MONAI {monai.__version__}, "
@@ -939,6 +956,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if any(start.pretraining == run.name for (start, _, _), _ in from_folder) or
         (args.report_only and (runs / "pretrain" / run.name / "train.done.json").is_file())
     ]
+    for (start, _, seed), _ in to_run:
+        if start.mode == "random_probe":
+            write_random_encoder(start.network, random_encoder_path(runs, start, seed), seed)
     ledger = Ledger(total=len(pretrain_steps) + 2 * len(from_folder))
     run_steps([[step] for step in pretrain_steps], root, args.jobs, ledger)
     machine = machine_description()

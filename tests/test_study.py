@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,9 +131,11 @@ def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
     runs = study.fine_tuning_runs(preset, starts)
     chains = [study.finetune_chain(preset, start, k, seed, tmp_path, data, weights) for start, k, seed in runs]
     study.check_overrides(ROOT, [step for chain in chains for step in chain])
-    for (start, k, _), (train, evaluate) in zip(runs, chains, strict=True):
+    for (start, k, seed), (train, evaluate) in zip(runs, chains, strict=True):
         assert train.overrides["epochs"] * k == preset.steps  # the same budget of steps for every k
-        assert ("pretrained#model_path" in train.overrides) == (start.mode in ("finetune", "probe"))
+        assert ("pretrained#model_path" in train.overrides) == (start.mode != "scratch")
+        if start.mode == "random_probe":  # a frozen encoder is a loaded one: the random one is written first
+            assert train.overrides["pretrained#model_path"] == str(study.random_encoder_path(tmp_path, start, seed))
         assert train.overrides.get("freeze_encoder", False) == (start.mode in ("probe", "random_probe"))
         assert evaluate.overrides["dataset_dir"] == str(data["test"])
         assert evaluate.overrides["num_val"] == preset.test_pool.num
@@ -295,3 +298,24 @@ def test_linear_decoder_fine_tunes_the_vit_methods_in_folders_of_their_own(tmp_p
         study.main(["--size", "smoke", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r.md"),
                     "--decoder", "linear", "--methods", "frepa_cnn"])
     assert "--decoder linear needs a ViT encoder; ['frepa_cnn'] have none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decoder", ["default", "linear"])
+def test_random_encoder_loads_back_strictly_and_depends_on_the_seed(tmp_path, decoder):
+    """The random-probe baseline's frozen encoder: seg_finetune's loader takes it like a pretraining's weights."""
+    from medssl.encoders import build_segmentation_network
+    from medssl.zoo import copy_encoder_weights
+
+    network = {"network_kind": "vit", "encoder_size": "tiny", "roi_size": [32, 32, 32],
+               "encoder_args": {"num_layers": 2}, "decoder": decoder}
+    start = study.Start("random_probe_x", "random_probe", network)
+    paths = [study.random_encoder_path(tmp_path, start, seed) for seed in (0, 1)]
+    for seed, path in zip((0, 1), paths):
+        study.write_random_encoder(network, path, seed)
+    saved = [torch.load(path, weights_only=True) for path in paths]
+    assert saved[0].keys() == saved[1].keys() and all(key.startswith("encoder.") for key in saved[0])
+    assert not torch.equal(saved[0]["encoder.blocks.0.attn.qkv.weight"], saved[1]["encoder.blocks.0.attn.qkv.weight"])
+    target = build_segmentation_network("vit", "tiny", img_size=32, encoder_args={"num_layers": 2}, decoder=decoder)
+    report = copy_encoder_weights(target, "vit", saved[0])  # strict: every encoder tensor, nothing left over
+    assert report.expected == len(report.copied) == len(saved[0])
+    assert torch.equal(target.state_dict()["vit.blocks.0.attn.qkv.weight"], saved[0]["encoder.blocks.0.attn.qkv.weight"])

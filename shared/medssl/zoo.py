@@ -56,6 +56,7 @@ __all__ = [
     "ArchiveIntegrityError",
     "read_pretrained_state",
     "copy_encoder_weights",
+    "encoder_state",
     "load_pretrained_encoder",
     "pack_bundle",
     "verify_archive",
@@ -381,6 +382,18 @@ def read_pretrained_state(
 def _encoder_keys(network: nn.Module, kind: str) -> set[str]:
     roots = tuple(f"{name}." for name in ENCODER_SUBMODULES[kind])
     return {key for key in network.state_dict() if key.startswith(roots)}
+
+
+def encoder_state(network: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """The encoder tensors of a segmentation network in a pretraining state dict's naming (under ``encoder.``).
+
+    The inverse of :func:`copy_encoder_weights`: what it returns loads back, strictly, into any
+    network built with the same settings.
+    """
+    network = getattr(network, "module", network)
+    prefix = SEGMENTATION_PREFIX[kind]
+    state = network.state_dict()
+    return {ENCODER_KEY_PREFIX + key[len(prefix):]: state[key] for key in sorted(_encoder_keys(network, kind))}
 
 
 def copy_encoder_weights(
