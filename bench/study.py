@@ -652,7 +652,7 @@ def paired_gains(results: Sequence[RunResult], start: Start, baseline: Start, k:
     return [r.mean - base[r.seed] for r in results if r.start == start and r.k == k and r.seed in base]
 
 
-def scratch_of(start: Start, starts: Sequence[Start], mode: str = "scratch") -> Start:
+def baseline_of(start: Start, starts: Sequence[Start], mode: str = "scratch") -> Start:
     """The start of ``mode`` (a baseline: "scratch" or "random_probe") with the same network as ``start``."""
     return next(s for s in starts if s.mode == mode and s.network == start.network)
 
@@ -670,7 +670,7 @@ def verdict(results: Sequence[RunResult], starts: Sequence[Start], pretraining: 
     """The k = 1 paragraph of one method: its measured Dice, scratch's, the paired gain, target met or not."""
     tuned = next(s for s in starts if s.pretraining == pretraining and s.mode == "finetune")
     probe = next(s for s in starts if s.pretraining == pretraining and s.mode == "probe")
-    scratch = scratch_of(tuned, starts)
+    scratch = baseline_of(tuned, starts)
     gains = paired_gains(results, tuned, scratch, 1)
     if not gains:
         return f"**{pretraining}**: k = 1 was not measured in this run (no pair of fine-tuned and scratch results)."
@@ -686,7 +686,7 @@ def verdict(results: Sequence[RunResult], starts: Sequence[Start], pretraining: 
     if probe_gains:
         text += (f" Frozen encoder (probing): {mean_sd(_values(results, probe, 1, _mean))}, "
                  f"{mean_sd(probe_gains)} points against scratch")
-        random_probe = scratch_of(probe, starts, "random_probe")
+        random_probe = baseline_of(probe, starts, "random_probe")
         over_random = paired_gains(results, probe, random_probe, 1)
         if over_random:
             text += (f", {mean_sd(over_random)} against the encoder frozen at its random initialisation "
@@ -723,7 +723,7 @@ def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], pres
     for start in starts:
         if start.mode == "scratch":
             continue
-        baseline = scratch_of(start, starts)
+        baseline = baseline_of(start, starts)
         rows.append([start.folder, start.mode,
                      *(_seeds_cell(paired_gains(results, start, baseline, k), preset.seeds) for k in counts)])
     lines += _table(["start", "mode", *(f"k = {k}" for k in counts)], rows)
@@ -735,7 +735,7 @@ def results_markdown(results: Sequence[RunResult], starts: Sequence[Start], pres
         rows = []
         for start in starts:
             if start.mode == "probe":
-                baseline = scratch_of(start, starts, "random_probe")
+                baseline = baseline_of(start, starts, "random_probe")
                 rows.append([start.folder, *(_seeds_cell(paired_gains(results, start, baseline, k), preset.seeds)
                                              for k in preset.probe_label_counts)])
         lines += _table(["start", *(f"k = {k}" for k in preset.probe_label_counts)], rows)
