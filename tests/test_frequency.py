@@ -378,3 +378,12 @@ def test_half_precision_input_is_transformed_in_float32_and_returned_in_its_dtyp
     out, _ = histogram_equalised_mask(x.bfloat16(), 4, generator=torch.Generator().manual_seed(13))
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=0)
+
+
+def test_frequency_corruption_compiles_to_the_eager_values():
+    """torch.compile runs the threaded noise eagerly (a graph break) and traces the rest: same output."""
+    torch._dynamo.reset()
+    x = make_image((1, 1, 64, 64, 64))  # the noise of its half spectrum is drawn in chunks
+    eager = frequency_corruption(x, 8, generator=torch.Generator().manual_seed(3))[0]
+    compiled = torch.compile(frequency_corruption)(x, 8, generator=torch.Generator().manual_seed(3))[0]
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)

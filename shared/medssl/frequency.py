@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import ensure_tuple_rep
 
-from medssl.noise import standard_normal
+from medssl.noise import standard_normal, standard_normal_
 
 __all__ = [
     "frequency_radius",
@@ -330,9 +330,10 @@ def _hermitian_noise(
     is left to the caller, who scales the noise anyway: one pass over it less.
 
     ``dtype`` is the complex dtype; its real and imaginary parts are drawn as one
-    :func:`medssl.noise.standard_normal` tensor (*shape, 2).
+    :func:`medssl.noise.standard_normal_` tensor (*shape, 2).
     """
-    noise = torch.view_as_complex(standard_normal((*shape, 2), dtype.to_real(), device, generator))  # E|z|^2 = 2
+    noise = torch.empty(tuple(shape), dtype=dtype, device=device)
+    standard_normal_(torch.view_as_real(noise), generator)  # E|z|^2 = 2
     planes = _self_mirrored_planes(spatial_shape[-1])
     in_planes = noise[..., planes]
     mirrored = _mirror(in_planes, _spatial_axes(len(spatial_shape))[:-1])  # -k stays in its plane
