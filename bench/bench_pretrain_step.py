@@ -237,7 +237,10 @@ class TrainingStep:
                 return network(image, **inputs)["loss"]
 
         self.eager_loss = loss
-        self.loss = torch.compile(loss) if compile else loss
+        # Static shapes: Frepa corrupts its batch in parts of changing size around a graph break (the
+        # threaded noise), and a dynamic batch size reaches torch.randn(..., generator=...), which
+        # torch cannot trace with a symbolic size.
+        self.loss = torch.compile(loss, dynamic=False) if compile else loss
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
