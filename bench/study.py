@@ -559,9 +559,11 @@ def random_encoder_path(runs: Path, start: Start, seed: int) -> Path:
 def write_random_encoder(network: Mapping[str, Any], path: Path, seed: int) -> None:
     """The encoder of ``network`` (seg_finetune settings) as initialised under ``seed``, saved in a pretraining
     model.pt's format: the frozen encoder of the random-probe baseline (seg_finetune freezes only a loaded one)."""
-    torch.manual_seed(seed)
-    built = build_segmentation_network(network["network_kind"], network["encoder_size"], img_size=network["roi_size"],
-                                       encoder_args=network["encoder_args"], decoder=network.get("decoder", "default"))
+    with torch.random.fork_rng():  # the study's own random state stays as it was
+        torch.manual_seed(seed)
+        built = build_segmentation_network(network["network_kind"], network["encoder_size"],
+                                           img_size=network["roi_size"], encoder_args=network["encoder_args"],
+                                           decoder=network.get("decoder", "default"))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(encoder_state(built, network["network_kind"]), path)
 

@@ -132,6 +132,13 @@ def _self_mirrored_planes(n: int) -> list[int]:
     return [0] if n % 2 else [0, n // 2]
 
 
+def _axis_frequencies(spatial_shape: Sequence[int], device: torch.device | str | None, onesided: bool) -> list[torch.Tensor]:
+    """k / n_i along every axis in fftn layout (rfftn's for the last axis when ``onesided``): 1-D, float32."""
+    last = len(spatial_shape) - 1
+    return [torch.fft.rfftfreq(n, device=device) if onesided and axis == last else torch.fft.fftfreq(n, device=device)
+            for axis, n in enumerate(spatial_shape)]
+
+
 def frequency_radius(
     spatial_shape: Sequence[int],
     device: torch.device | str | None = None,
@@ -144,9 +151,7 @@ def frequency_radius(
     ``torch.fft.rfftn`` does when ``onesided`` (last axis n // 2 + 1 long). Float32.
     """
     squared = 0.0
-    last = len(spatial_shape) - 1
-    for axis, n in enumerate(spatial_shape):
-        freq = torch.fft.rfftfreq(n, device=device) if onesided and axis == last else torch.fft.fftfreq(n, device=device)
+    for axis, (n, freq) in enumerate(zip(spatial_shape, _axis_frequencies(spatial_shape, device, onesided))):
         freq = freq * (reference_size if reference_size is not None else n)
         shape = [1] * len(spatial_shape)
         shape[axis] = -1
@@ -307,8 +312,7 @@ def _gaussian_window(
     """
     spatial_dims = len(spatial_shape)
     window = scale.reshape(-1, *[1] * spatial_dims)
-    for axis, n in enumerate(spatial_shape):
-        frequency = torch.fft.rfftfreq(n, device=device) if axis == spatial_dims - 1 else torch.fft.fftfreq(n, device=device)
+    for axis, frequency in enumerate(_axis_frequencies(spatial_shape, device, onesided=True)):
         factor = torch.exp(frequency.square() * (-0.5 / std.reshape(-1, 1) ** 2))  # (B, n_i)
         shape = [-1] + [1] * spatial_dims
         shape[axis + 1] = frequency.numel()
@@ -423,7 +427,7 @@ def low_frequency_perturbation(
     real noise; after the real part both give the same expected perturbation energy.
 
     Random draws, in order: s (B,), d (B,), the real and imaginary parts of the complex noise,
-    one :func:`medssl.noise.standard_normal` tensor (B, C, *spatial[:-1], spatial[-1] // 2 + 1, 2)
+    one :func:`medssl.noise.standard_normal_` tensor (B, C, *spatial[:-1], spatial[-1] // 2 + 1, 2)
     in rfftn layout.
 
     Returns the perturbed image (B, C, *spatial) in x's dtype.
