@@ -121,10 +121,16 @@ def pretrain_step_section(path: Path, report: dict) -> list[str]:
     ]
 
 
+def step_source(rate: dict) -> str:
+    """Where a data report's step rate came from: the step result's file, else the device or 'given'."""
+    where = Path(rate["source"]).name if rate.get("source") else "given"
+    return f"{rate['device']} step, {where}" if rate.get("device") else where
+
+
 def data_section(path: Path, report: dict) -> list[str]:
     rows = []
     for bundle, b in report["bundles"].items():
-        rates = "; ".join(f"{r['samples_per_s']:.2f} ({r['device'] or 'given'})" for r in b["step_rates"]) or "–"
+        rates = "; ".join(f"{r['samples_per_s']:.2f} ({step_source(r)})" for r in b["step_rates"]) or "–"
         headroom = "; ".join(f"{r['loader_headroom']:.1f}×" for r in b["step_rates"]) or "–"
         workers = f"{b['num_workers']}" + ("" if b.get("num_workers_is_bundle_default", True) else " (set)")
         rows.append([
@@ -296,7 +302,7 @@ def target_rows(results: list[tuple[Path, str, dict]]) -> list[list[str]]:
             for rate in b["step_rates"]:
                 data_found = True
                 rows.append(["data loader keeps up at the default worker count",
-                             f"{path.name}: {bundle}, {b['num_workers']} workers vs {rate['device'] or 'given'} step",
+                             f"{path.name}: {bundle}, {b['num_workers']} workers vs {step_source(rate)}",
                              f"{b['crops_per_s']:.2f} vs {rate['samples_per_s']:.2f} samples/s",
                              verdict(rate["loader_headroom"] >= 1.0)])
     if not data_found:
