@@ -167,6 +167,15 @@ def test_spectral_patch_mask_is_deterministic_under_a_seed():
     assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
 
 
+@pytest.mark.parametrize("corruption", [spectral_patch_mask, frequency_corruption])
+def test_without_keep_mask_the_image_is_the_same(corruption):
+    x = make_image(SHAPES[3])
+    image, keep = corruption(x, 4, generator=torch.Generator().manual_seed(11))
+    image_only, none = corruption(x, 4, generator=torch.Generator().manual_seed(11), keep_mask=False)
+    assert keep is not None and none is None
+    torch.testing.assert_close(image_only, image, rtol=0, atol=0)
+
+
 def test_spectral_patch_mask_rejects_patch_that_does_not_tile():
     with pytest.raises(ValueError, match="patch_size"):
         spectral_patch_mask(torch.rand(1, 1, 30, 32), 16)

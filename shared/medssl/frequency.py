@@ -231,12 +231,13 @@ def _protected_core(
 def _spectral_patch_lookup(
     spatial_shape: tuple[int, ...], patch: tuple[int, ...], device: torch.device
 ) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """Per axis, the spectral patch of every fftn-layout index, and of the mirror -k of every
-    rfftn-layout index k."""
+    """Per axis, the spectral patch of every fftn-layout index k, of every rfftn-layout index k,
+    and of the mirror -k of every rfftn-layout index k."""
     full = [_spectral_patch_index(n, p, device) for n, p in zip(spatial_shape, patch)]
     mirrored = [of_index[(-torch.arange(n, device=device)) % n] for of_index, n in zip(full, spatial_shape)]
+    half = [*full[:-1], _half(full[-1], spatial_shape)]
     mirrored[-1] = _half(mirrored[-1], spatial_shape)
-    return tuple(full), tuple(mirrored)
+    return tuple(full), tuple(half), tuple(mirrored)
 
 
 def _patch_values(per_patch: torch.Tensor, patch_of_index: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -265,12 +266,13 @@ def _mask_spectral_patches(
     ratio_range: Sequence[float],
     protected_radius: float,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Weights that zero random spectral patches of an rfftn half spectrum (B, C, *half).
 
     Returns the weight (B, *half) that turns the half spectrum into that of the real image left
-    after masking, the keep mask (B, *spatial) in fftn layout, and (B, *half) bool, True where k
-    or its mirror -k was kept.
+    after masking; (B, *half) bool, True where k or its mirror -k was kept; and, when
+    ``keep_mask``, the keep mask (B, *spatial) in fftn layout, else None.
     """
     spatial_dims = len(spatial_shape)
     patch, grid = _patch_grid(spatial_shape, patch_size, "patch_size")
@@ -280,14 +282,14 @@ def _mask_spectral_patches(
     kept_patch = draws >= ratio.reshape(-1, *[1] * spatial_dims)  # (B, *grid)
     core = _protected_core(spatial_shape, patch, protected_radius, device)
     core_half = _half(core, spatial_shape)  # the core is its own mirror
-    full, mirrored = _spectral_patch_lookup(spatial_shape, patch, device)
-    keep = _patch_values(kept_patch, full) | core
-    keep_half = _half(keep, spatial_shape)
-    keep_mirrored = _patch_values(kept_patch, mirrored) | core_half
+    full, half, mirrored = _spectral_patch_lookup(spatial_shape, patch, device)
+    keep_half = _patch_values(kept_patch, half).logical_or_(core_half)
+    keep_mirrored = _patch_values(kept_patch, mirrored).logical_or_(core_half)
     # The real part of the inverse keeps the Hermitian part of the masked spectrum:
     # F(k) * (keep(k) + keep(-k)) / 2.
     weight = keep_half.to(half_spectrum.real.dtype).add_(keep_mirrored).mul_(0.5)
-    return weight, keep, keep_half | keep_mirrored
+    keep = _patch_values(kept_patch, full).logical_or_(core) if keep_mask else None
+    return weight, keep_half.logical_or_(keep_mirrored), keep
 
 
 def _peak_magnitude(half_spectrum: torch.Tensor, spatial_dims: int, support: torch.Tensor | None = None) -> torch.Tensor:
@@ -381,7 +383,8 @@ def spectral_patch_mask(
     protected_radius: float = 1.0,
     spatial_dims: int | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Frepa's high-frequency masking: zero random patches of the centred spectrum.
 
     The centred spectrum is cut into patches of ``patch_size`` coefficients (it must tile the
@@ -398,13 +401,15 @@ def spectral_patch_mask(
     Returns:
         the corrupted image (B, C, *spatial), real part of the inverse FFT, in x's dtype;
         the keep mask (B, *spatial), bool, True where the coefficient was kept, in fftn layout
-        (``torch.fft.fftshift(keep, dim=spatial axes)`` shows it centred).
+        (``torch.fft.fftshift(keep, dim=spatial axes)`` shows it centred); None when
+        ``keep_mask`` is False, which saves building it (a full-size gather) where only the
+        image is used.
     """
     spatial_dims = _check_spatial_dims(x, spatial_dims)
     spatial_shape = tuple(x.shape[-spatial_dims:])
     spectrum = _half_spectrum(_full_precision(x), spatial_dims)
-    weight, keep, _ = _mask_spectral_patches(
-        spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator
+    weight, _, keep = _mask_spectral_patches(
+        spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator, keep_mask
     )
     return _real_image(_scale_spectrum_(spectrum, weight, spatial_dims), spatial_shape).to(x.dtype), keep
 
@@ -450,7 +455,8 @@ def frequency_corruption(
     radius_range: Sequence[float] = (0.15, 0.25),
     spatial_dims: int | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Frepa's frequency corruption: spectral patch masking, then low-frequency perturbation.
 
     Both act on one spectrum with a single FFT pair, as in the official code, so max|F| of the
@@ -461,8 +467,8 @@ def frequency_corruption(
     spatial_dims = _check_spatial_dims(x, spatial_dims)
     spatial_shape = tuple(x.shape[-spatial_dims:])
     spectrum = _half_spectrum(_full_precision(x), spatial_dims)
-    weight, keep, kept_either = _mask_spectral_patches(
-        spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator
+    weight, kept_either, keep = _mask_spectral_patches(
+        spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator, keep_mask
     )
     peak = _peak_magnitude(spectrum, spatial_dims, support=kept_either)  # |F(-k)| = |F(k)|
     corrupted = _perturb_low_frequencies(

@@ -145,6 +145,7 @@ class FrepaCorruption(nn.Module):
             self.perturbation_radius,
             self.spatial_dims,
             generator,
+            keep_mask=False,
         )[0]
 
     def views(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +156,8 @@ class FrepaCorruption(nn.Module):
         shift, so matching their embeddings asks the encoder to infer the lost high frequencies.
         """
         masked = spectral_patch_mask(
-            x, self._spectral_patch(x), self.spectral_mask_ratio, self.protected_radius, self.spatial_dims, generator
+            x, self._spectral_patch(x), self.spectral_mask_ratio, self.protected_radius, self.spatial_dims, generator,
+            keep_mask=False,
         )[0]
         perturbed = low_frequency_perturbation(
             x, self.sigma_mean, self.sigma_std, self.perturbation_radius, self.spatial_dims, generator
