@@ -267,12 +267,12 @@ def _mask_spectral_patches(
     protected_radius: float,
     generator: torch.Generator | None,
     keep_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weights that zero random spectral patches of an rfftn half spectrum (B, C, *half).
 
     Returns the weight (B, *half) that turns the half spectrum into that of the real image left
-    after masking; (B, *half) bool, True where k or its mirror -k was kept; and, when
-    ``keep_mask``, the keep mask (B, *spatial) in fftn layout, else None.
+    after masking (1 where k and its mirror -k were kept, 1/2 where one of them was, else 0),
+    and, when ``keep_mask``, the keep mask (B, *spatial) in fftn layout, else None.
     """
     spatial_dims = len(spatial_shape)
     patch, grid = _patch_grid(spatial_shape, patch_size, "patch_size")
@@ -289,7 +289,7 @@ def _mask_spectral_patches(
     # F(k) * (keep(k) + keep(-k)) / 2.
     weight = keep_half.to(half_spectrum.real.dtype).add_(keep_mirrored).mul_(0.5)
     keep = _patch_values(kept_patch, full).logical_or_(core) if keep_mask else None
-    return weight, keep_half.logical_or_(keep_mirrored), keep
+    return weight, keep
 
 
 def _peak_magnitude(half_spectrum: torch.Tensor, spatial_dims: int, support: torch.Tensor | None = None) -> torch.Tensor:
@@ -408,7 +408,7 @@ def spectral_patch_mask(
     spatial_dims = _check_spatial_dims(x, spatial_dims)
     spatial_shape = tuple(x.shape[-spatial_dims:])
     spectrum = _half_spectrum(_full_precision(x), spatial_dims)
-    weight, _, keep = _mask_spectral_patches(
+    weight, keep = _mask_spectral_patches(
         spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator, keep_mask
     )
     return _real_image(_scale_spectrum_(spectrum, weight, spatial_dims), spatial_shape).to(x.dtype), keep
@@ -467,10 +467,10 @@ def frequency_corruption(
     spatial_dims = _check_spatial_dims(x, spatial_dims)
     spatial_shape = tuple(x.shape[-spatial_dims:])
     spectrum = _half_spectrum(_full_precision(x), spatial_dims)
-    weight, kept_either, keep = _mask_spectral_patches(
+    weight, keep = _mask_spectral_patches(
         spectrum, spatial_shape, patch_size, ratio_range, protected_radius, generator, keep_mask
     )
-    peak = _peak_magnitude(spectrum, spatial_dims, support=kept_either)  # |F(-k)| = |F(k)|
+    peak = _peak_magnitude(spectrum, spatial_dims, support=weight > 0)  # k or -k kept; |F(-k)| = |F(k)|
     corrupted = _perturb_low_frequencies(
         spectrum, spatial_shape, peak, sigma_mean, sigma_std, radius_range, generator, weight=weight
     )
