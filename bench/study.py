@@ -216,8 +216,8 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 # The small preset's curves still rose at 100 steps and no start learnt spleen, kidneys or aorta
-# from most labelled scans within 120 (docs/study_findings.md, E1 and the study): the same
-# study with three times the fine-tuning budget, at k = 1.
+# from most labelled scans within 120 (docs/study_findings.md, E1): the same study with three
+# times the fine-tuning budget, at k = 1 (its results: E8 there).
 PRESETS["small-long"] = replace(
     PRESETS["small"],
     note="small-long preset: the small preset with three times its fine-tuning budget (360 steps of two crops, "
