@@ -226,7 +226,6 @@ PRESETS["small-long"] = replace(
     warmup_steps=36,
     val_every=60,
     label_counts=(1,),
-    probe_label_counts=(1,),
 )
 
 
