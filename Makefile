@@ -15,6 +15,10 @@ SCHEMA ?= ../shared/monai/meta_schema_20240725.json
 # `2.13.0+cpu` wheel, beside which torchvision does not import.
 MONAILABEL_VENV := build/venv-monailabel
 MONAILABEL_TORCH_SPEC ?= torch===2.13.0
+# monailabel requires sam2, which PyPI has only as source. Built in an isolated environment, it
+# would download a CUDA torch (GBs) to build against; built here without isolation, against
+# the venv's torch, and without its optional CUDA kernel, it is a plain Python package.
+MONAILABEL_SAM2_SPEC ?= sam2==1.1.0
 
 .PHONY: venv test test-monailabel demo bench study zoo clean
 
@@ -33,7 +37,8 @@ test: venv
 $(MONAILABEL_VENV)/.installed: pyproject.toml
 	test -x $(MONAILABEL_VENV)/bin/python || $(PYTHON) -m venv $(MONAILABEL_VENV)
 	$(MONAILABEL_VENV)/bin/python -m pip install -q --upgrade pip
-	$(MONAILABEL_VENV)/bin/python -m pip install -q "$(MONAILABEL_TORCH_SPEC)"
+	$(MONAILABEL_VENV)/bin/python -m pip install -q "$(MONAILABEL_TORCH_SPEC)" setuptools
+	SAM2_BUILD_CUDA=0 $(MONAILABEL_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps "$(MONAILABEL_SAM2_SPEC)"
 	$(MONAILABEL_VENV)/bin/python -m pip install -q -e ".[test,monailabel]"
 	touch $@
 
