@@ -5,6 +5,12 @@ the bundles: preset "paper" reads configs/train.json, "demo" train.json + demo.j
 
 - hiend_mae: Hi-End-MAE (ViT-B/16 at 96^3 in the paper preset). Reference: MONAI's MAE with the
   same encoder, patch, mask ratio, decoder width and heads, and MONAI's 4 decoder blocks.
+  With --official-hiend-mae CHECKOUT (paper preset), the official implementation
+  (github.com/FengheTan9/Hi-End-MAE, at its ViT-B/16 96^3 config, which the bundle's paper config
+  matches) is timed in the same alternation, from a checkout outside this repository; it needs
+  the timm it pins (0.5.4), which imports torchvision, so the process needs a torch that PyPI's
+  torchvision imports beside, e.g. a venv of its own: pip install "torch===2.13.0"
+  torchvision==0.28.0 timm==0.5.4 -e . (PyPI's default torch build, on the CPU too).
 - maesil: MAESIL on one superpatch (128^3, patch 8: 4096 tokens, the dual mask keeps 1024).
   Reference: MONAI's MAE at the same token count, patch, encoder and decoder; it masks tokens at
   random with the ratio that keeps the same number visible, (1 - plane) * (1 - depth).
@@ -15,8 +21,8 @@ the bundles: preset "paper" reads configs/train.json, "demo" train.json + demo.j
 A training step is what the bundle's trainer does per iteration on a fixed batch of --batch
 crops: forward (bf16 autocast on CUDA), backward, gradient clipping where the bundle clips
 (MAESIL), and the bundle's optimizer step. Measured per network:
-- median step time after warm-up, the (ours, reference) pair alternating step by step in one
-  process so that both see the same machine state; samples/s = batch / median;
+- median step time after warm-up, ours, the reference (and the official code) alternating step by
+  step in one process so that all see the same machine state; samples/s = batch / median;
 - FLOPs of one forward + backward (torch's FlopCounterMode, which counts matrix products,
   convolutions and attention only: FFTs, normalisations, interpolation and elementwise ops count
   0, so Frepa's FFT-based corruption and loss add time but no FLOPs; CPU
@@ -28,6 +34,7 @@ crops: forward (bf16 autocast on CUDA), backward, gradient clipping where the bu
 
     python bench/bench_pretrain_step.py --preset paper --out bench/results/pretrain_step_paper.json
     python bench/bench_pretrain_step.py --preset demo --networks hiend_mae maesil --steps 3
+    python bench/bench_pretrain_step.py --preset paper --networks hiend_mae --official-hiend-mae ../Hi-End-MAE
     python bench/bench_pretrain_step.py --device cuda --compile --peak-tflops 989 \
         --out bench/results/pretrain_step_paper_cuda.json
 """
@@ -35,12 +42,16 @@ crops: forward (bf16 autocast on CUDA), backward, gradient clipping where the bu
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
+import io
 import json
 import multiprocessing
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -134,6 +145,40 @@ def maesil_reference(parser: ConfigParser) -> MaskedAutoEncoderViT:
     return _monai_mae(vit, parser.get_parsed_content("superpatch_size"), decoder, 1 - kept)
 
 
+# The official code's one ViT-B/16 configuration (hi_end_mae.build_vit_base_hi_end_mae_p16_3d).
+OFFICIAL_HIEND_MAE_CONFIG = {"roi_size": [96, 96, 96], "encoder_size": "base", "decoder_hidden_size": 384,
+                             "decoder_num_heads": 12}
+
+
+def official_hiend_mae(parser: ConfigParser, checkout: Path) -> nn.Module:
+    """The official Hi-End-MAE from a checkout of github.com/FengheTan9/Hi-End-MAE, at the bundle's mask ratio.
+
+    Its forward takes the (B, 1, 96, 96, 96) image and returns the loss. The bundle's config must be
+    the official one (OFFICIAL_HIEND_MAE_CONFIG): the paper preset is.
+    """
+    found = {key: parser.get_parsed_content(key) for key in OFFICIAL_HIEND_MAE_CONFIG}
+    if found != OFFICIAL_HIEND_MAE_CONFIG:
+        raise ValueError(f"the official Hi-End-MAE exists at {OFFICIAL_HIEND_MAE_CONFIG} only, the bundle's config "
+                         f"gives {found}: time it with --preset paper")
+    if not (checkout / "hi_end_mae.py").is_file():
+        raise FileNotFoundError(f"{checkout / 'hi_end_mae.py'} not found: --official-hiend-mae takes a checkout of "
+                                "github.com/FengheTan9/Hi-End-MAE")
+    sys.path.insert(0, str(checkout.resolve()))
+    from hi_end_mae import build_vit_base_hi_end_mae_p16_3d
+
+    settings = argparse.Namespace(img_size=96, patch_size=16, in_chans=1, pos_embed_type="sincos",
+                                  mask_ratio=parser.get_parsed_content("mask_ratio"))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints the whole model
+        return build_vit_base_hi_end_mae_p16_3d(settings)
+
+
+def official_provenance(checkout: Path) -> dict[str, str | None]:
+    """Which official code ran: the checkout, its git commit (None outside git) and the timm it used."""
+    commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return {"checkout": str(checkout), "commit": commit.stdout.strip() if commit.returncode == 0 else None,
+            "timm": importlib.metadata.version("timm")}
+
+
 def _no_inputs(image: torch.Tensor) -> dict[str, torch.Tensor]:
     return {}
 
@@ -193,14 +238,19 @@ def network_config(name: str, preset: Mapping[str, Any]) -> ConfigParser:
     return bundle_config(spec.bundle, preset, overrides)
 
 
-def build(name: str, preset: Mapping[str, Any], reference: bool = False) -> nn.Module:
-    """NETWORKS[name] as its bundle's configs build it (``network_def``); ``reference``: MONAI's MAE at its size."""
+def build(name: str, preset: Mapping[str, Any], role: str = "ours", official: Path | None = None) -> nn.Module:
+    """NETWORKS[name] in one role: "ours" as its bundle's configs build it (``network_def``), "reference"
+    MONAI's MAE at its size, "official" the official Hi-End-MAE from the checkout ``official``."""
     parser = network_config(name, preset)
-    if not reference:
+    if role == "ours":
         return parser.get_parsed_content("network_def")
-    if NETWORKS[name].reference is None:
-        raise ValueError(f"network '{name}' has no MONAI reference")
-    return NETWORKS[name].reference(parser)
+    if role == "reference":
+        if NETWORKS[name].reference is None:
+            raise ValueError(f"network '{name}' has no MONAI reference")
+        return NETWORKS[name].reference(parser)
+    if role == "official" and name == "hiend_mae" and official is not None:
+        return official_hiend_mae(parser, official)
+    raise ValueError(f"no '{role}' network for '{name}'")
 
 
 class TrainingStep:
@@ -208,7 +258,7 @@ class TrainingStep:
 
     The optimizer and gradient clipping are the bundle's (``optimizer`` and ``grad_clip_norm`` of
     its config). MONAI's MAE returns (pred, mask); it gets the bundle's masked MSE (same
-    norm-pixel setting). With ``compile`` the forward + loss runs through torch.compile.
+    norm-pixel setting). The official Hi-End-MAE returns its loss. With ``compile`` the forward + loss runs through torch.compile.
     """
 
     def __init__(
@@ -234,7 +284,8 @@ class TrainingStep:
         else:
 
             def loss(image: torch.Tensor) -> torch.Tensor:
-                return network(image, **inputs)["loss"]
+                output = network(image, **inputs)
+                return output if isinstance(output, torch.Tensor) else output["loss"]
 
         self.eager_loss = loss
         # Static shapes: Frepa corrupts its batch in parts of changing size around a graph break (the
@@ -273,11 +324,11 @@ def make_step(name: str, network: nn.Module, image: torch.Tensor, preset: Mappin
     return TrainingStep(name, network, image, preset, compile)
 
 
-def build_step(name: str, reference: bool, preset: Mapping[str, Any], batch: int, device: torch.device,
-               compile: bool = False) -> TrainingStep:
-    """Build the network (seed 0) and a random batch of crops of its bundle's crop size on ``device``."""
+def build_step(name: str, role: str, preset: Mapping[str, Any], batch: int, device: torch.device,
+               compile: bool = False, official: Path | None = None) -> TrainingStep:
+    """Build the network of ``role`` (seed 0) and a random batch of crops of its bundle's crop size on ``device``."""
     torch.manual_seed(0)
-    network = build(name, preset, reference).to(device)
+    network = build(name, preset, role, official).to(device)
     crop = network_config(name, preset).get_parsed_content(NETWORKS[name].crop_id)
     image = torch.rand(batch, 1, *crop, generator=torch.Generator().manual_seed(0)).to(device)
     return make_step(name, network, image, preset, compile)
@@ -320,11 +371,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _peak_memory_child(name, reference, preset, batch, device, threads, compile, queue) -> None:
+def _peak_memory_child(name, role, preset, batch, device, threads, compile, official, queue) -> None:
     torch.set_num_threads(threads)
     before = peak_rss_bytes()
     device = torch.device(device)
-    step = build_step(name, reference, preset, batch, device, compile)
+    step = build_step(name, role, preset, batch, device, compile, official)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(2):  # the first step creates the gradients and the optimizer state
@@ -338,13 +389,13 @@ def _peak_memory_child(name, reference, preset, batch, device, threads, compile,
                    "peak_bytes": peak_rss_bytes()})
 
 
-def peak_memory(name: str, reference: bool, preset: Mapping[str, Any], batch: int, device: torch.device,
-                threads: int, compile: bool) -> dict:
+def peak_memory(name: str, role: str, preset: Mapping[str, Any], batch: int, device: torch.device,
+                threads: int, compile: bool, official: Path | None = None) -> dict:
     """Peak memory of two training steps in a fresh process (see the module docstring)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_peak_memory_child,
-                            args=(name, reference, dict(preset), batch, str(device), threads, compile, queue))
+                            args=(name, role, dict(preset), batch, str(device), threads, compile, official, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -367,16 +418,16 @@ def time_alternating(steps: dict[str, TrainingStep], warmup: int, repeats: int, 
     return times
 
 
-def time_network(name: str, roles: Mapping[str, bool], args: argparse.Namespace, device: torch.device,
+def time_network(name: str, roles: Sequence[str], args: argparse.Namespace, device: torch.device,
                  gemm: float) -> dict:
-    """Step time, throughput and FLOPs of NETWORKS[name] and its reference, timed alternating."""
+    """Step time, throughput and FLOPs of NETWORKS[name] in each role, timed alternating."""
     preset = PRESETS[args.preset]
     if args.compile:
         # Code shared with an earlier network (the encoder, patchify) would be recompiled for dynamic
         # shapes, which the masking's random draws do not trace; one bundle per process never sees that.
         torch._dynamo.reset()
-    steps = {role: build_step(name, reference, preset, args.batch, device, args.compile)
-             for role, reference in roles.items()}
+    steps = {role: build_step(name, role, preset, args.batch, device, args.compile, args.official_hiend_mae)
+             for role in roles}
     flops = {role: step.flops() for role, step in steps.items()}
     times = time_alternating(steps, args.warmup, args.steps, device)
     entry: dict[str, Any] = {
@@ -400,16 +451,20 @@ def time_network(name: str, roles: Mapping[str, bool], args: argparse.Namespace,
     if "reference" in steps:
         entry["reference"]["mask_ratio"] = steps["reference"].network.masking_ratio
         entry["time_ratio_ours_over_reference"] = entry["ours"]["step_s_median"] / entry["reference"]["step_s_median"]
+    if "official" in steps:
+        entry["official"].update(official_provenance(args.official_hiend_mae))
+        entry["time_ratio_ours_over_official"] = entry["ours"]["step_s_median"] / entry["official"]["step_s_median"]
     return entry
 
 
 def benchmark_network(name: str, args: argparse.Namespace, device: torch.device, gemm: float) -> dict:
-    """Every measurement of NETWORKS[name] and its reference; memory after this process freed the pair."""
-    roles = {"ours": False} | ({"reference": True} if NETWORKS[name].reference is not None else {})
+    """Every measurement of NETWORKS[name] in its roles; memory after this process freed their networks."""
+    roles = ["ours"] + (["reference"] if NETWORKS[name].reference is not None else [])
+    roles += ["official"] if name == "hiend_mae" and args.official_hiend_mae is not None else []
     entry = time_network(name, roles, args, device, gemm)
-    for role, reference in roles.items():
+    for role in roles:
         entry[role]["peak_memory"] = peak_memory(
-            name, reference, PRESETS[args.preset], args.batch, device, args.threads, args.compile
+            name, role, PRESETS[args.preset], args.batch, device, args.threads, args.compile, args.official_hiend_mae
         )
     return entry
 
@@ -438,6 +493,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's datasheet peak in the step's dtype, for MFU against it")
+    parser.add_argument("--official-hiend-mae", type=Path, default=None, metavar="CHECKOUT",
+                        help="a checkout of github.com/FengheTan9/Hi-End-MAE (with timm 0.5.4 installed): time the "
+                             "official implementation beside hiend_mae (paper preset)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
     return parser.parse_args(argv)
 
@@ -461,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     networks = {}
     for name in args.networks:
         entry = networks[name] = benchmark_network(name, args, device, gemm)
-        for role in ("ours", "reference"):
+        for role in ("ours", "reference", "official"):
             if role in entry:
                 r = entry[role]
                 print(f"{name:11s} {role:9s} {r['step_s_median']:8.3f} s/step {r['samples_per_s']:7.2f} samples/s "
@@ -469,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       f"peak {r['peak_memory']['peak_bytes'] / 2**20:7.0f} MiB", flush=True)
         if "time_ratio_ours_over_reference" in entry:
             print(f"{name:11s} time ratio ours / MONAI MAE: {entry['time_ratio_ours_over_reference']:.3f}", flush=True)
+        if "time_ratio_ours_over_official" in entry:
+            print(f"{name:11s} time ratio ours / official: {entry['time_ratio_ours_over_official']:.3f}", flush=True)
     gemm_end = gemm_rate(device, dtype)  # a drift between the two says the machine's load changed meanwhile
     machine["load_average_at_end"] = os.getloadavg()
     report = {
