@@ -997,8 +997,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; every number below was "
         "measured by a finished bundle run that this invocation made, found done in its runs folder, or found in "
         "the study's record (where the runs of earlier invocations, on this or another machine, are kept).", "",
-        f"- Machine of this invocation: {machine}; OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-        f"{args.jobs} bundle run(s) at a time.",
+        f"- Machine of this invocation: {machine}; "
+        + (f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.jobs} bundle run(s) at a time."
+           if ledger.ran else "it ran no bundle command (the thread settings of the runs it reports are not recorded)."),
         *(f"- Machine of recorded runs: {other}." for other in record.machines(results, selected.methods)
           if other != machine),
         f"- Wall time: {duration(wall)} for this invocation, which ran {len(ledger.ran)} bundle commands "

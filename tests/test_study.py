@@ -260,6 +260,8 @@ def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_p
     report = out.read_text()
     assert "ran 0 bundle commands" in report and "took 2 fine-tuning results from the record" in report
     assert "- Machine of recorded runs: machine A." in report
+    assert "it ran no bundle command (the thread settings of the runs it reports are not recorded)" in report
+    assert "bundle run(s) at a time" not in report  # this invocation's settings describe none of the runs
     assert "| hiend_mae | finetune | 6.0 |" in report  # the paired gain, 46 - 40 Dice points
     assert f"`{pretraining['command']}` (1.5 min; weights sha256 " in report
 
