@@ -1,24 +1,12 @@
 """bench/bench_pretrain_step.py's official-code role, with a stand-in checkout (the official code is not in this repository)."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from bench_script import load_bench_script
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_pretrain_step", ROOT / "bench" / "bench_pretrain_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_pretrain_step"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench_script("bench_pretrain_step")
 
 # What the official hi_end_mae.py offers, reduced to what the benchmark calls: a builder taking the
 # argparse settings, whose model's forward returns the loss. It keeps the settings it was given.

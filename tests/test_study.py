@@ -1,26 +1,15 @@
 """bench/study.py without running any bundle: its plans against the real configs, and its tables from fake CSVs."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_script import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "bench" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study()
+study = load_bench_script("study")
 
 
 def _write_test_outputs(folder: Path, organs: dict[str, list[float]]) -> float:
