@@ -163,7 +163,8 @@ def official_hiend_mae(parser: ConfigParser, checkout: Path) -> nn.Module:
     if not (checkout / "hi_end_mae.py").is_file():
         raise FileNotFoundError(f"{checkout / 'hi_end_mae.py'} not found: --official-hiend-mae takes a checkout of "
                                 "github.com/FengheTan9/Hi-End-MAE")
-    sys.path.insert(0, str(checkout.resolve()))
+    if str(checkout.resolve()) not in sys.path:
+        sys.path.insert(0, str(checkout.resolve()))
     from hi_end_mae import build_vit_base_hi_end_mae_p16_3d
 
     settings = argparse.Namespace(img_size=96, patch_size=16, in_chans=1, pos_embed_type="sincos",
@@ -258,7 +259,8 @@ class TrainingStep:
 
     The optimizer and gradient clipping are the bundle's (``optimizer`` and ``grad_clip_norm`` of
     its config). MONAI's MAE returns (pred, mask); it gets the bundle's masked MSE (same
-    norm-pixel setting). The official Hi-End-MAE returns its loss. With ``compile`` the forward + loss runs through torch.compile.
+    norm-pixel setting). The official Hi-End-MAE returns its loss. With ``compile`` the forward +
+    loss runs through torch.compile.
     """
 
     def __init__(
