@@ -196,6 +196,8 @@ class NetworkSpec:
     bundle: folder under bundles/. crop_id: config id of the crop the network takes.
     overrides: config id -> value applied after the preset's configs.
     reference: builds MONAI's counterpart from the parsed config (None: no reference).
+    official: builds the official implementation from the parsed config and a checkout of it
+        (None: not benchmarked).
     inputs: extra keyword inputs the bundle's trainer passes with the image.
     """
 
@@ -204,6 +206,7 @@ class NetworkSpec:
     description: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     reference: Callable[[ConfigParser], nn.Module] | None = None
+    official: Callable[[ConfigParser, Path], nn.Module] | None = None
     inputs: Callable[[torch.Tensor], dict[str, torch.Tensor]] = _no_inputs
 
 
@@ -211,7 +214,7 @@ NETWORKS: dict[str, NetworkSpec] = {
     "hiend_mae": NetworkSpec(
         "hiend_mae", "roi_size",
         "Hi-End-MAE; reference MONAI MAE (4 decoder blocks, embeds all patches before masking)",
-        reference=hiend_mae_reference,
+        reference=hiend_mae_reference, official=official_hiend_mae,
     ),
     "maesil": NetworkSpec(
         "maesil", "superpatch_size",
@@ -241,7 +244,7 @@ def network_config(name: str, preset: Mapping[str, Any]) -> ConfigParser:
 
 def build(name: str, preset: Mapping[str, Any], role: str = "ours", official: Path | None = None) -> nn.Module:
     """NETWORKS[name] in one role: "ours" as its bundle's configs build it (``network_def``), "reference"
-    MONAI's MAE at its size, "official" the official Hi-End-MAE from the checkout ``official``."""
+    MONAI's MAE at its size, "official" the official implementation from the checkout ``official``."""
     parser = network_config(name, preset)
     if role == "ours":
         return parser.get_parsed_content("network_def")
@@ -249,8 +252,8 @@ def build(name: str, preset: Mapping[str, Any], role: str = "ours", official: Pa
         if NETWORKS[name].reference is None:
             raise ValueError(f"network '{name}' has no MONAI reference")
         return NETWORKS[name].reference(parser)
-    if role == "official" and name == "hiend_mae" and official is not None:
-        return official_hiend_mae(parser, official)
+    if role == "official" and NETWORKS[name].official is not None and official is not None:
+        return NETWORKS[name].official(parser, official)
     raise ValueError(f"no '{role}' network for '{name}'")
 
 
@@ -462,7 +465,7 @@ def time_network(name: str, roles: Sequence[str], args: argparse.Namespace, devi
 def benchmark_network(name: str, args: argparse.Namespace, device: torch.device, gemm: float) -> dict:
     """Every measurement of NETWORKS[name] in its roles; memory after this process freed their networks."""
     roles = ["ours"] + (["reference"] if NETWORKS[name].reference is not None else [])
-    roles += ["official"] if name == "hiend_mae" and args.official_hiend_mae is not None else []
+    roles += ["official"] if NETWORKS[name].official is not None and args.official_hiend_mae is not None else []
     entry = time_network(name, roles, args, device, gemm)
     for role in roles:
         entry[role]["peak_memory"] = peak_memory(

@@ -86,9 +86,8 @@ def provenance(path: Path, report: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- one section per result kind
-def official_note(report: dict) -> str:
-    """Which official code a step result timed beside ours, if any."""
-    official = report["networks"].get("hiend_mae", {}).get("official")
+def official_note(official: dict | None) -> str:
+    """Which official code a step result timed beside ours (its Hi-End-MAE entry's "official"), if any."""
     if official is None:
         return ""
     commit = (official.get("commit") or "unknown commit")[:7]
@@ -98,15 +97,14 @@ def official_note(report: dict) -> str:
 
 def pretrain_step_section(path: Path, report: dict) -> list[str]:
     peak_header = ["MFU vs peak"] if report.get("peak_tflops") else []
-    official = bool(official_note(report))
+    official = report["networks"].get("hiend_mae", {}).get("official")
+    ratio_keys = ["time_ratio_ours_over_reference"] + (["time_ratio_ours_over_official"] if official else [])
     rows = []
     for name, entry in report["networks"].items():
         for role in ("ours", "reference", "official"):
             if role not in entry:
                 continue
             r = entry[role]
-            ratios = [entry.get("time_ratio_ours_over_reference")] + ([entry.get("time_ratio_ours_over_official")]
-                                                                        if official else [])
             model = r["network"].rsplit(".", 1)[-1] + (" (official code)" if role == "official" else "")
             rows.append([
                 name, model, "×".join(map(str, entry["input_shape"])),
@@ -114,7 +112,7 @@ def pretrain_step_section(path: Path, report: dict) -> list[str]:
                 number(r["achieved_gflop_s"], 1), percent(r["mfu_vs_gemm"]),
                 *([percent(r.get("mfu_vs_peak"))] if peak_header else []),
                 mib(r["peak_memory"]["peak_bytes"]),
-                *(number(ratio, 3) if role == "ours" else "" for ratio in ratios),
+                *(number(entry.get(key), 3) if role == "ours" else "" for key in ratio_keys),
             ])
     header = ["network", "model", "batch", "s/step (median)", "samples/s", "GFLOP/step", "GFLOP/s",
               "MFU vs GEMM", *peak_header, "peak MiB", "time ratio ours/MONAI",
@@ -128,7 +126,7 @@ def pretrain_step_section(path: Path, report: dict) -> list[str]:
         "A step is the forward pass, the backward pass and the bundle's `optimizer` step (AdamW with "
         "`fused=True` in every bundle) with its gradient clipping. "
         f"Median of {report['steps']} steps after {report['warmup']} warm-up steps, each network alternating with "
-        f"its MONAI reference{official_note(report)}. GEMM rate in the same run: {report['gemm_gflop_s']:.1f} GFLOP/s "
+        f"its MONAI reference{official_note(official)}. GEMM rate in the same run: {report['gemm_gflop_s']:.1f} GFLOP/s "
         f"({report.get('gemm_gflop_s_at_end', 0):.1f} at the end){peak}. FLOPs: {report['flop_counting']}. "
         f"Peak memory: {next(iter(report['networks'].values()))['ours']['peak_memory']['kind']}.",
         "",
