@@ -1,7 +1,7 @@
-"""Time medssl's batched corruption and loss ops against plain per-sample Python-loop references.
+"""Time medssl's batched masking, corruption and loss ops against plain per-sample Python-loop references.
 
     python bench/bench_ops.py --device cpu --out bench/results/ops.json          # 8 x 1 x 96^3
-    python bench/bench_ops.py --batch 2 --size 32 --no-step --out bench/results/ops_small.json   # quick check
+    python bench/bench_ops.py --batch 2 --size 64 --steps --out bench/results/ops_small.json   # quick check
 
 Each op is timed as the median of ``--repeats`` runs after ``--warmup`` runs (CUDA is
 synchronised around every run). On a CPU shared with other jobs, ``--threads 1`` gives far
@@ -9,8 +9,13 @@ steadier numbers than oversubscribed intra-op threads. A reference does what a s
 code does: one sample at a time, one patch at a time. The JSON holds the machine, the
 configuration and, per op, the batched and reference medians in milliseconds.
 
-To add an op, write ``batched`` (and optionally ``loop``) functions taking (x, generator, config)
-and put them in BENCHMARKS under a new name.
+Each op's time is also given as a share of ViT-B/16 pretraining steps on the same batch
+(``--steps``): Hi-End-MAE's, the cheapest step of the collection (its encoder sees a quarter of
+the tokens), for every op; and Frepa's ViT step, which runs the corruption, for Frepa's ops.
+
+To add an op, write ``batched`` (and optionally ``loop``) functions taking (inputs, generator,
+config), where inputs is the batch or what ``prepare`` makes of it, and put them in BENCHMARKS
+under a new name.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import functools
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -39,20 +45,37 @@ from medssl.frequency import (
     spectral_patch_mask,
 )
 from medssl.losses import FrepaLoss
+from medssl.masking import (
+    block_masking,
+    dual_masking,
+    gather_tokens,
+    patchify,
+    random_masking,
+    scatter_tokens,
+    unpatchify,
+)
 from medssl.models.frepa import FrepaCorruption
 
 from bench_pretrain_step import PRESETS, build, make_step  # bench/ is on sys.path when run as a script
 
-OpFn = Callable[[torch.Tensor, torch.Generator, argparse.Namespace], object]
+OpFn = Callable[[object, torch.Generator, argparse.Namespace], object]
+STEP_NETWORKS = ("hiend_mae", "frepa_vit")  # the ViT-B/16 pretraining steps the ops are set against
 
 
 @dataclass(frozen=True)
 class OpBenchmark:
-    """batched: the medssl op; loop: per-sample reference, or None when there is none."""
+    """batched: the medssl op; loop: per-sample reference, or None when there is none.
+
+    feeds: the pretraining networks whose training step runs the op (bench_pretrain_step's names;
+        "frepa_baseline" is the Frepa bundle's masked-image-modelling baseline, which it does not time).
+    prepare: makes the op's inputs from the batch, untimed (default: the batch itself).
+    """
 
     description: str
     batched: OpFn
     loop: OpFn | None = None
+    feeds: tuple[str, ...] = ("frepa_vit",)
+    prepare: Callable[[torch.Tensor, argparse.Namespace], object] | None = None
 
 
 # ---------------------------------------------------------------- per-sample references
@@ -137,6 +160,119 @@ def highpass_filter_loop(x, generator, config):
     return torch.stack([torch.stack([_real_inverse(_centred_fft(s) * h) for s in x]) for h in filters])
 
 
+# ---------------------------------------------------------------- token masking
+def _grid(x: torch.Tensor, patch: int) -> tuple[int, ...]:
+    return tuple(n // patch for n in x.shape[2:])
+
+
+def _keep_count(num_tokens: int, ratio: float) -> int:
+    return round(num_tokens * (1.0 - ratio))
+
+
+def patchify_loop(x, generator, config):
+    """One patch at a time, flattened as (*patch, C) like patchify."""
+    return torch.stack([
+        torch.stack([sample[(slice(None), *region)].movedim(0, -1).reshape(-1)
+                     for _, region in _patch_regions(tuple(x.shape[2:]), config.token_patch)])
+        for sample in x
+    ])
+
+
+def unpatchify_loop(inputs, generator, config):
+    tokens, shape = inputs
+    out = torch.empty(shape, dtype=tokens.dtype, device=tokens.device)
+    for i in range(shape[0]):
+        for n, (_, region) in enumerate(_patch_regions(tuple(shape[2:]), config.token_patch)):
+            patch = tokens[i, n].reshape(*[config.token_patch] * len(region), shape[1])
+            out[(i, slice(None), *region)] = patch.movedim(-1, 0)
+    return out
+
+
+def _token_mask_loop(keep_ids: list[torch.Tensor], num_tokens: int) -> tuple[torch.Tensor, ...]:
+    """ids_keep, ids_restore and mask of per-sample kept token ids, one sample at a time."""
+    ids_keep, ids_restore, masks = [], [], []
+    for kept in keep_ids:
+        kept = torch.sort(kept).values
+        mask = torch.ones(num_tokens, device=kept.device)
+        mask[kept] = 0
+        order = torch.cat([kept, torch.nonzero(mask).flatten()])
+        ids_keep.append(kept)
+        ids_restore.append(torch.argsort(order))
+        masks.append(mask)
+    return torch.stack(ids_keep), torch.stack(ids_restore), torch.stack(masks)
+
+
+def random_masking_loop(x, generator, config):
+    num_tokens = math.prod(_grid(x, config.token_patch))
+    keep = _keep_count(num_tokens, config.mask_ratio)
+    return _token_mask_loop(
+        [torch.randperm(num_tokens, generator=generator, device=x.device)[:keep] for _ in range(x.shape[0])], num_tokens
+    )
+
+
+def block_masking_loop(x, generator, config):
+    grid = _grid(x, config.token_patch)
+    coarse = [g // config.mask_block for g in grid]
+    keep = _keep_count(math.prod(coarse), config.mask_ratio)
+    token_ids = torch.arange(math.prod(grid), device=x.device).reshape(grid)
+    kept = []
+    for _ in range(x.shape[0]):
+        blocks = torch.randperm(math.prod(coarse), generator=generator, device=x.device)[:keep]
+        ids = []
+        for block in blocks.tolist():
+            corner = [(block // math.prod(coarse[axis + 1:])) % coarse[axis] * config.mask_block
+                      for axis in range(len(grid))]
+            ids.append(token_ids[tuple(slice(c, c + config.mask_block) for c in corner)].flatten())
+        kept.append(torch.cat(ids))
+    return _token_mask_loop(kept, math.prod(grid))
+
+
+def dual_masking_loop(x, generator, config):
+    """MAESIL's dual mask one sample and one depth slab at a time (depth is the last grid axis)."""
+    h, w, d = _grid(x, config.maesil_patch)
+    plane_keep = _keep_count(h * w, config.plane_ratio)
+    slab_keep = _keep_count(plane_keep, config.depth_ratio)
+    kept = []
+    for _ in range(x.shape[0]):
+        positions = torch.randperm(h * w, generator=generator, device=x.device)[:plane_keep]
+        ids = []
+        for z in range(d):
+            in_slab = positions[torch.randperm(plane_keep, generator=generator, device=x.device)[:slab_keep]]
+            ids.append(in_slab * d + z)
+        kept.append(torch.cat(ids))
+    return _token_mask_loop(kept, h * w * d)
+
+
+def _tokens_and_mask(x: torch.Tensor, config: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch tokens of x (the loss target Hi-End-MAE gathers) and a random token mask's ids_keep."""
+    tokens = patchify(x, config.token_patch)
+    mask = random_masking(x.shape[0], tokens.shape[1], config.mask_ratio, x.device, torch.Generator(x.device).manual_seed(0))
+    return tokens, mask.ids_keep
+
+
+def _decoder_inputs(x: torch.Tensor, config: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """What Hi-End-MAE's decoder scatters: visible tokens of its width, ids_keep, ids_restore, the mask token."""
+    num_tokens = math.prod(_grid(x, config.token_patch))
+    mask = random_masking(x.shape[0], num_tokens, config.mask_ratio, x.device, torch.Generator(x.device).manual_seed(0))
+    visible = torch.randn(x.shape[0], mask.ids_keep.shape[1], config.decoder_width, device=x.device)
+    return visible, mask.ids_keep, mask.ids_restore, torch.randn(config.decoder_width, device=x.device)
+
+
+def gather_tokens_loop(inputs, generator, config):
+    tokens, ids_keep = inputs
+    return torch.stack([sample[ids] for sample, ids in zip(tokens, ids_keep)])
+
+
+def scatter_tokens_loop(inputs, generator, config):
+    visible, ids_keep, ids_restore, mask_token = inputs
+    out = []
+    for sample, ids in zip(visible, ids_keep):
+        tokens = mask_token.expand(ids_restore.shape[1], -1).clone()
+        tokens[ids] = sample
+        out.append(tokens)
+    return torch.stack(out)
+
+
 # ---------------------------------------------------------------- batched ops
 def frepa_loss_step(x, generator, config):
     """Forward and backward of FrepaLoss on a prediction that requires grad."""
@@ -177,7 +313,53 @@ def frepa_corruption_loop(x, generator, config):
     return torch.stack(out)
 
 
+MAE_NETWORKS = ("hiend_mae", "maesil")
 BENCHMARKS: dict[str, OpBenchmark] = {
+    "patchify": OpBenchmark(
+        "cut the batch into ViT patch tokens (the masked-loss target)",
+        lambda x, g, c: patchify(x, c.token_patch),
+        patchify_loop,
+        feeds=MAE_NETWORKS,
+    ),
+    "unpatchify": OpBenchmark(
+        "patch tokens back to volumes (reconstruction figures)",
+        lambda inputs, g, c: unpatchify(inputs[0], c.token_patch, inputs[1][2:], inputs[1][1]),
+        unpatchify_loop,
+        feeds=MAE_NETWORKS,
+        prepare=lambda x, c: (patchify(x, c.token_patch), tuple(x.shape)),
+    ),
+    "random_masking": OpBenchmark(
+        "per-sample random token mask, exact visible count (Hi-End-MAE)",
+        lambda x, g, c: random_masking(x.shape[0], math.prod(_grid(x, c.token_patch)), c.mask_ratio, x.device, g),
+        random_masking_loop,
+        feeds=("hiend_mae",),
+    ),
+    "block_masking": OpBenchmark(
+        "random masking of blocks of mask-block^3 tokens (Frepa's masked-image-modelling baseline)",
+        lambda x, g, c: block_masking(x.shape[0], _grid(x, c.token_patch), c.mask_ratio, c.mask_block, x.device, g),
+        block_masking_loop,
+        feeds=("frepa_baseline",),
+    ),
+    "dual_masking": OpBenchmark(
+        "MAESIL's plane tubes then per-slab depth mask, on its 8^3-voxel token grid",
+        lambda x, g, c: dual_masking(x.shape[0], _grid(x, c.maesil_patch), c.plane_ratio, c.depth_ratio, x.device, g),
+        dual_masking_loop,
+        feeds=("maesil",),
+    ),
+    "gather_tokens": OpBenchmark(
+        "gather each sample's visible patch tokens",
+        lambda inputs, g, c: gather_tokens(*inputs),
+        gather_tokens_loop,
+        feeds=MAE_NETWORKS,
+        prepare=_tokens_and_mask,
+    ),
+    "scatter_tokens": OpBenchmark(
+        "decoder tokens back in raster order, the mask token elsewhere",
+        lambda inputs, g, c: scatter_tokens(inputs[0], inputs[2], inputs[3]),
+        scatter_tokens_loop,
+        feeds=MAE_NETWORKS,
+        prepare=_decoder_inputs,
+    ),
     "spectral_patch_mask": OpBenchmark(
         "zero random spectral patches outside the protected core",
         lambda x, g, c: spectral_patch_mask(x, c.spectral_patch, generator=g),
@@ -222,28 +404,31 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: OpFn, x: torch.Tensor, config: argparse.Namespace) -> float:
-    """Median wall time of fn in ms, each run with a freshly seeded generator on x's device."""
+def median_ms(fn: OpFn, inputs: object, config: argparse.Namespace, device: torch.device) -> float:
+    """Median wall time of fn(inputs) in ms, each run with a freshly seeded generator on ``device``."""
     times = []
     for run in range(config.warmup + config.repeats):
-        generator = torch.Generator(device=x.device).manual_seed(run)
-        _synchronise(x.device)
+        generator = torch.Generator(device=device).manual_seed(run)
+        _synchronise(device)
         start = time.perf_counter()
-        fn(x, generator, config)
-        _synchronise(x.device)
+        fn(inputs, generator, config)
+        _synchronise(device)
         if run >= config.warmup:
             times.append(1000.0 * (time.perf_counter() - start))
     return statistics.median(times)
 
 
-def pretraining_step_ms(x: torch.Tensor, config: argparse.Namespace) -> float:
-    """Median ms of one Hi-End-MAE ViT-B/16 training step on x (the batch the corruption is timed on)."""
+def pretraining_step_ms(name: str, x: torch.Tensor, config: argparse.Namespace) -> float:
+    """Median ms of one training step of the paper-size (ViT-B/16) network ``name`` on x, the batch the ops
+    are timed on: Hi-End-MAE's masked encoder, or Frepa's dense ViT with its corruption, decoder and loss."""
     if x.shape[1] != 1 or x.shape[2] % 16:
         raise ValueError(f"the ViT-B/16 step needs 1 channel and a multiple of 16 voxels, got {tuple(x.shape)}")
     torch.manual_seed(0)
-    network = build("hiend_mae", {**PRESETS["paper"], "img": x.shape[2]}).to(x.device)
-    step = make_step("hiend_mae", network, x)
-    return median_ms(lambda *_: step(), x, config)
+    network = build(name, {**PRESETS["paper"], "img": x.shape[2]}).to(x.device)
+    step = make_step(name, network, x)
+    milliseconds = median_ms(lambda *_: step(), x, config, x.device)
+    del step, network  # the next step's network needs the memory
+    return milliseconds
 
 
 def machine_info(device: torch.device) -> dict:
@@ -274,7 +459,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ops", nargs="*", choices=sorted(BENCHMARKS), help="subset of ops (default: all)")
     parser.add_argument("--no-loop", action="store_true", help="skip the per-sample references")
-    parser.add_argument("--no-step", action="store_true", help="skip the ViT-B/16 pretraining-step reference")
+    parser.add_argument("--token-patch", type=int, default=16, help="ViT patch edge of the token ops (Hi-End-MAE: 16)")
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--mask-block", type=int, default=2, help="block edge in tokens of block_masking")
+    parser.add_argument("--maesil-patch", type=int, default=8, help="MAESIL's token edge (dual_masking's grid)")
+    parser.add_argument("--plane-ratio", type=float, default=0.5, help="MAESIL's plane mask ratio")
+    parser.add_argument("--depth-ratio", type=float, default=0.5, help="MAESIL's depth mask ratio")
+    parser.add_argument("--decoder-width", type=int, default=384, help="token width of scatter_tokens (Hi-End-MAE's decoder)")
+    parser.add_argument("--steps", nargs="*", choices=STEP_NETWORKS, default=list(STEP_NETWORKS),
+                        help="ViT-B/16 pretraining steps to time as references (none: --steps alone)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/ops.json"))
     return parser.parse_args(argv)
@@ -287,21 +480,27 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(config.threads)
     shape = (config.batch, config.channels, *[config.size] * 3)
     x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    step_ms = None if config.no_step else pretraining_step_ms(x, config)
-    if step_ms is not None:
-        print(f"{'ViT-B/16 pretraining step':28s} {step_ms:10.1f} ms (Hi-End-MAE, fwd + bwd + AdamW)", flush=True)
+    steps_ms = {}
+    for name in config.steps:
+        steps_ms[name] = pretraining_step_ms(name, x, config)
+        print(f"{name + ' ViT-B/16 step':28s} {steps_ms[name]:10.1f} ms (fwd + bwd + AdamW)", flush=True)
     results = {}
     for name in config.ops or BENCHMARKS:
         bench = BENCHMARKS[name]
-        entry = {"description": bench.description, "batched_ms": median_ms(bench.batched, x, config)}
+        inputs = bench.prepare(x, config) if bench.prepare else x
+        entry = {"description": bench.description, "feeds": list(bench.feeds),
+                 "batched_ms": median_ms(bench.batched, inputs, config, device)}
         if bench.loop is not None and not config.no_loop:
-            entry["loop_ms"] = median_ms(bench.loop, x, config)
+            entry["loop_ms"] = median_ms(bench.loop, inputs, config, device)
             entry["speedup"] = entry["loop_ms"] / entry["batched_ms"]
-        if step_ms is not None:
-            entry["fraction_of_step"] = entry["batched_ms"] / step_ms
+        # Every op against the cheapest step; Frepa's also against the step that runs them.
+        shares = {step: entry["batched_ms"] / ms for step, ms in steps_ms.items()
+                  if step == "hiend_mae" or step in bench.feeds}
+        if shares:
+            entry["fraction_of_step"] = shares
         results[name] = entry
         loop = f"{entry['loop_ms']:10.1f} ms loop  x{entry['speedup']:.1f}" if "loop_ms" in entry else ""
-        share = f"  {100 * entry['fraction_of_step']:5.1f}% of a step" if step_ms is not None else ""
+        share = "".join(f"  {100 * f:5.2f}% of {step}" for step, f in shares.items())
         print(f"{name:28s} {entry['batched_ms']:10.1f} ms batched {loop}{share}", flush=True)
     report = {
         "command": " ".join(["python", *sys.argv]),
@@ -310,11 +509,18 @@ def main(argv: list[str] | None = None) -> dict:
             "input_shape": list(shape),
             "spectral_patch": config.spectral_patch,
             "image_patch": config.image_patch,
+            "token_patch": config.token_patch,
+            "mask_ratio": config.mask_ratio,
+            "mask_block": config.mask_block,
+            "maesil_patch": config.maesil_patch,
+            "plane_ratio": config.plane_ratio,
+            "depth_ratio": config.depth_ratio,
+            "decoder_width": config.decoder_width,
             "warmup": config.warmup,
             "repeats": config.repeats,
             "statistic": "median wall-clock ms",
         },
-        "vit_b16_step_ms": step_ms,
+        "vit_b16_steps_ms": steps_ms,
         "ops": results,
     }
     config.out.parent.mkdir(parents=True, exist_ok=True)
