@@ -246,8 +246,8 @@ def dual_masking_loop(x, generator, config):
 def _tokens_and_mask(x: torch.Tensor, config: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """The patch tokens of x (the loss target Hi-End-MAE gathers) and a random token mask's ids_keep."""
     tokens = patchify(x, config.token_patch)
-    mask = random_masking(x.shape[0], tokens.shape[1], config.mask_ratio, x.device, torch.Generator(x.device).manual_seed(0))
-    return tokens, mask.ids_keep
+    generator = torch.Generator(x.device).manual_seed(0)
+    return tokens, random_masking(x.shape[0], tokens.shape[1], config.mask_ratio, x.device, generator).ids_keep
 
 
 def _decoder_inputs(x: torch.Tensor, config: argparse.Namespace) -> tuple[torch.Tensor, ...]:
@@ -465,7 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--maesil-patch", type=int, default=8, help="MAESIL's token edge (dual_masking's grid)")
     parser.add_argument("--plane-ratio", type=float, default=0.5, help="MAESIL's plane mask ratio")
     parser.add_argument("--depth-ratio", type=float, default=0.5, help="MAESIL's depth mask ratio")
-    parser.add_argument("--decoder-width", type=int, default=384, help="token width of scatter_tokens (Hi-End-MAE's decoder)")
+    parser.add_argument("--decoder-width", type=int, default=384,
+                        help="token width of scatter_tokens (Hi-End-MAE's decoder)")
     parser.add_argument("--steps", nargs="*", choices=STEP_NETWORKS, default=list(STEP_NETWORKS),
                         help="ViT-B/16 pretraining steps to time as references (none: --steps alone)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")

@@ -305,7 +305,7 @@ class StudyRecord:
         recorded = self.pretraining.setdefault(method, [])
         if all(run["weights_sha256"] != digest for run in recorded):
             recorded.append({"command": done["command"], "wall_s": done["wall_s"], "finished": done["finished"],
-                             "machine": machine, "weights_sha256": digest})
+                             "machine": machine, **_threads(done), "weights_sha256": digest})
         return digest
 
     def add(self, result: RunResult, done: Sequence[Mapping[str, Any]], machine: str,
@@ -315,7 +315,16 @@ class StudyRecord:
             "start": result.start.folder, "k": result.k, "seed": result.seed,
             "organs": {organ: _json_number(value) for organ, value in result.organs.items()},
             "mean": _json_number(result.mean), "wall_s": sum(step["wall_s"] for step in done),
-            "finished": done[-1]["finished"], "machine": machine, "pretraining_sha256": weights_sha256}
+            "finished": done[-1]["finished"], "machine": machine, **_threads(done[0]),
+            "pretraining_sha256": weights_sha256}
+
+    def thread_settings(self, results: Iterable[RunResult]) -> Counter[str]:
+        """How many of the ``results`` were fine-tuned with each OMP_NUM_THREADS setting."""
+        settings = Counter()
+        for r in results:
+            run = self.runs[(r.start.folder, r.k, r.seed)]
+            settings["not recorded" if THREADS_KEY not in run else run[THREADS_KEY] or "unset"] += 1
+        return settings
 
     def machines(self, results: Iterable[RunResult], methods: Iterable[str]) -> list[str]:
         """The machines that made ``results`` and the pretraining of ``methods``."""
@@ -343,6 +352,14 @@ class StudyRecord:
         content = {"settings": self.settings, "pretraining": dict(sorted(self.pretraining.items())), "runs": runs}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n")
+
+
+THREADS_KEY = "omp_num_threads"  # a bundle command's OMP_NUM_THREADS (null: unset), in its *.done.json
+
+
+def _threads(done: Mapping[str, Any]) -> dict[str, str | None]:
+    """The thread setting of a ``*.done.json`` record, as a record entry; nothing where it predates them."""
+    return {THREADS_KEY: done[THREADS_KEY]} if THREADS_KEY in done else {}
 
 
 def _json_number(value: float) -> float | None:
@@ -381,6 +398,7 @@ def run_step(step: Step, root: Path) -> tuple[float, bool]:
         "command": shown_command(bundle, bundle_command(config_list(step.configs), *args)),
         "wall_s": wall,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        THREADS_KEY: os.environ.get("OMP_NUM_THREADS"),  # the bundle process inherits it
     }
     step.done.write_text(json.dumps(record, indent=1) + "\n")
     return wall, True
@@ -997,9 +1015,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Written by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; every number below was "
         "measured by a finished bundle run that this invocation made, found done in its runs folder, or found in "
         "the study's record (where the runs of earlier invocations, on this or another machine, are kept).", "",
-        f"- Machine of this invocation: {machine}; "
-        + (f"OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.jobs} bundle run(s) at a time."
-           if ledger.ran else "it ran no bundle command (the thread settings of the runs it reports are not recorded)."),
+        f"- Machine of this invocation: {machine}" + (f"; {args.jobs} bundle run(s) at a time." if ledger.ran else "."),
+        "- OMP_NUM_THREADS of the reported fine-tuning runs: " + ", ".join(
+            f"{setting} ({count} run{'s' * (count != 1)})"
+            for setting, count in sorted(record.thread_settings(results).items())
+        ) + ".",
         *(f"- Machine of recorded runs: {other}." for other in record.machines(results, selected.methods)
           if other != machine),
         f"- Wall time: {duration(wall)} for this invocation, which ran {len(ledger.ran)} bundle commands "

@@ -235,8 +235,10 @@ def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_p
                    "finished": "2026-12-06T01:00:00+00:00"}
     digest = record.add_pretraining("hiend_mae", weights, pretraining, "machine A")
     starts = [s for s in study.plan_starts({"hiend_mae": networks["hiend_mae"]}) if s.mode in ("scratch", "finetune")]
-    for result, liver in zip(_recorded_results(tmp_path, starts, seeds=(0,)), (0.40, 0.46)):
-        record.add(study.RunResult(result.start, 1, 0, {"liver": liver}, liver), [pretraining], "machine A",
+    fine_tuning = [{"wall_s": 60.0, "finished": "2026-12-06T01:00:00+00:00"},  # recorded before thread settings
+                   {"wall_s": 60.0, "finished": "2026-12-06T02:00:00+00:00", "omp_num_threads": "1"}]
+    for result, liver, done in zip(_recorded_results(tmp_path, starts, seeds=(0,)), (0.40, 0.46), fine_tuning):
+        record.add(study.RunResult(result.start, 1, 0, {"liver": liver}, liver), [done], "machine A",
                    None if result.start.mode == "scratch" else digest)
     record.save()
 
@@ -249,7 +251,7 @@ def test_a_study_whose_runs_are_all_recorded_runs_nothing_and_reports_them(tmp_p
     report = out.read_text()
     assert "ran 0 bundle commands" in report and "took 2 fine-tuning results from the record" in report
     assert "- Machine of recorded runs: machine A." in report
-    assert "it ran no bundle command (the thread settings of the runs it reports are not recorded)" in report
+    assert "- OMP_NUM_THREADS of the reported fine-tuning runs: 1 (1 run), not recorded (1 run)." in report
     assert "bundle run(s) at a time" not in report  # this invocation's settings describe none of the runs
     assert "| hiend_mae | finetune | 6.0 |" in report  # the paired gain, 46 - 40 Dice points
     assert f"`{pretraining['command']}` (1.5 min; weights sha256 " in report
@@ -310,3 +312,22 @@ def test_random_encoder_loads_back_strictly_and_depends_on_the_seed(tmp_path, de
     report = copy_encoder_weights(target, "vit", saved[0])  # strict: every encoder tensor, nothing left over
     assert report.expected == len(report.copied) == len(saved[0])
     assert torch.equal(target.state_dict()["vit.blocks.0.attn.qkv.weight"], saved[0]["encoder.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("threads", ["1", None])
+def test_a_bundle_command_records_the_threads_it_ran_with(tmp_path, monkeypatch, threads):
+    """The bundle process inherits OMP_NUM_THREADS; its *.done.json keeps it (null: unset) for the record."""
+    if threads is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.setattr(study, "run_bundle", lambda *args, **kwargs: 12.5)
+    step = study.Step("fine-tune", "seg_finetune", ("configs/train.json",), {"epochs": 2}, tmp_path / "train.done.json")
+    assert study.run_step(step, ROOT) == (12.5, True)
+    done = json.loads(step.done.read_text())
+    assert done["omp_num_threads"] == threads
+    network = {"network_kind": "cnn", "encoder_size": "tiny", "roi_size": [32, 32, 32], "encoder_args": {}}
+    record = study.StudyRecord.open(tmp_path / "results.json", _settings())
+    result = _recorded_results(tmp_path, study.plan_starts({"frepa_cnn": network})[:1], seeds=(0,))[0]
+    record.add(result, [done], "machine A", None)
+    assert record.thread_settings([result]) == {threads or "unset": 1}
