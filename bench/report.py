@@ -111,8 +111,8 @@ def ratio_interval(
 
 
 def ratio_text(entry: dict, role: str, inverse: bool = False) -> str:
-    """ours / ``role`` step-time ratio of a step result's network entry with its interval, e.g.
-    "1.001 (0.972-1.030)"; with ``inverse`` the speed-up role / ours instead, e.g. "1.13× (1.10-1.16)"."""
+    """The ours / ``role`` step-time ratio of a network entry of a step result, with its interval, e.g.
+    "1.001 (0.972–1.030)"; with ``inverse`` the speed-up ``role`` / ours instead, e.g. "1.13× (1.10–1.16)"."""
     ours, other = entry["ours"]["step_s"], entry[role]["step_s"]
     low, high = ratio_interval(ours, other)
     ratio = entry["ours"]["step_s_median"] / entry[role]["step_s_median"]
