@@ -239,7 +239,7 @@ def ops_section(path: Path, report: dict) -> list[str]:
         f"### Masking, corruption and loss ops (input {'×'.join(map(str, config.get('input_shape', [])))})",
         "",
         *provenance(path, report),
-        f"{config.get('statistic', 'median')}; per-sample loop references as in the official code"
+        f"{config.get('statistic', 'median')}; per-sample loop references (one sample and one patch, block or slab at a time)"
         + (f". Shares of ViT-B/16 training steps on the same batch ({step_text}): every op against Hi-End-MAE's, "
            "the cheapest, and Frepa's ops also against Frepa's, which runs them (its step includes the corruption)."
            if steps else "."),
