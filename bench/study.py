@@ -1016,10 +1016,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "measured by a finished bundle run that this invocation made, found done in its runs folder, or found in "
         "the study's record (where the runs of earlier invocations, on this or another machine, are kept).", "",
         f"- Machine of this invocation: {machine}" + (f"; {args.jobs} bundle run(s) at a time." if ledger.ran else "."),
-        "- OMP_NUM_THREADS of the reported fine-tuning runs: " + ", ".join(
+        "- OMP_NUM_THREADS of the reported fine-tuning runs: " + (", ".join(
             f"{setting} ({count} run{'s' * (count != 1)})"
             for setting, count in sorted(record.thread_settings(results).items())
-        ) + ".",
+        ) or "none reported") + ".",
         *(f"- Machine of recorded runs: {other}." for other in record.machines(results, selected.methods)
           if other != machine),
         f"- Wall time: {duration(wall)} for this invocation, which ran {len(ledger.ran)} bundle commands "
