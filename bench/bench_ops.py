@@ -46,6 +46,7 @@ from medssl.frequency import (
 )
 from medssl.losses import FrepaLoss
 from medssl.masking import (
+    TokenMask,
     block_masking,
     dual_masking,
     gather_tokens,
@@ -60,6 +61,7 @@ from bench_pretrain_step import PRESETS, build, make_step  # bench/ is on sys.pa
 
 OpFn = Callable[[object, torch.Generator, argparse.Namespace], object]
 STEP_NETWORKS = ("hiend_mae", "frepa_vit")  # the ViT-B/16 pretraining steps the ops are set against
+CHEAPEST_STEP = "hiend_mae"  # its encoder sees a quarter of the tokens: every op is set against it
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,10 @@ class OpBenchmark:
     loop: OpFn | None = None
     feeds: tuple[str, ...] = ("frepa_vit",)
     prepare: Callable[[torch.Tensor, argparse.Namespace], object] | None = None
+
+    def inputs(self, x: torch.Tensor, config: argparse.Namespace) -> object:
+        """What ``batched`` and ``loop`` take: the batch, or what ``prepare`` makes of it."""
+        return self.prepare(x, config) if self.prepare else x
 
 
 # ---------------------------------------------------------------- per-sample references
@@ -243,17 +249,21 @@ def dual_masking_loop(x, generator, config):
     return _token_mask_loop(kept, h * w * d)
 
 
+def _fixed_mask(x: torch.Tensor, config: argparse.Namespace) -> TokenMask:
+    """One random token mask of the batch's ViT tokens, the same every run (the token ops' input)."""
+    num_tokens = math.prod(_grid(x, config.token_patch))
+    generator = torch.Generator(x.device).manual_seed(0)
+    return random_masking(x.shape[0], num_tokens, config.mask_ratio, x.device, generator)
+
+
 def _tokens_and_mask(x: torch.Tensor, config: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """The patch tokens of x (the loss target Hi-End-MAE gathers) and a random token mask's ids_keep."""
-    tokens = patchify(x, config.token_patch)
-    generator = torch.Generator(x.device).manual_seed(0)
-    return tokens, random_masking(x.shape[0], tokens.shape[1], config.mask_ratio, x.device, generator).ids_keep
+    return patchify(x, config.token_patch), _fixed_mask(x, config).ids_keep
 
 
 def _decoder_inputs(x: torch.Tensor, config: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """What Hi-End-MAE's decoder scatters: visible tokens of its width, ids_keep, ids_restore, the mask token."""
-    num_tokens = math.prod(_grid(x, config.token_patch))
-    mask = random_masking(x.shape[0], num_tokens, config.mask_ratio, x.device, torch.Generator(x.device).manual_seed(0))
+    mask = _fixed_mask(x, config)
     visible = torch.randn(x.shape[0], mask.ids_keep.shape[1], config.decoder_width, device=x.device)
     return visible, mask.ids_keep, mask.ids_restore, torch.randn(config.decoder_width, device=x.device)
 
@@ -488,15 +498,14 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name in config.ops or BENCHMARKS:
         bench = BENCHMARKS[name]
-        inputs = bench.prepare(x, config) if bench.prepare else x
+        inputs = bench.inputs(x, config)
         entry = {"description": bench.description, "feeds": list(bench.feeds),
                  "batched_ms": median_ms(bench.batched, inputs, config, device)}
         if bench.loop is not None and not config.no_loop:
             entry["loop_ms"] = median_ms(bench.loop, inputs, config, device)
             entry["speedup"] = entry["loop_ms"] / entry["batched_ms"]
-        # Every op against the cheapest step; Frepa's also against the step that runs them.
         shares = {step: entry["batched_ms"] / ms for step, ms in steps_ms.items()
-                  if step == "hiend_mae" or step in bench.feeds}
+                  if step == CHEAPEST_STEP or step in bench.feeds}
         if shares:
             entry["fraction_of_step"] = shares
         results[name] = entry

@@ -113,9 +113,8 @@ def ratio_interval(
 def ratio_text(entry: dict, role: str, inverse: bool = False) -> str:
     """The ours / ``role`` step-time ratio of a network entry of a step result, with its interval, e.g.
     "1.001 (0.972–1.030)"; with ``inverse`` the speed-up ``role`` / ours instead, e.g. "1.13× (1.10–1.16)"."""
-    ours, other = entry["ours"]["step_s"], entry[role]["step_s"]
-    low, high = ratio_interval(ours, other)
-    ratio = entry["ours"]["step_s_median"] / entry[role]["step_s_median"]
+    low, high = ratio_interval(entry["ours"]["step_s"], entry[role]["step_s"])
+    ratio = entry[f"time_ratio_ours_over_{role}"]
     if inverse:
         return f"{1 / ratio:.2f}× ({1 / high:.2f}–{1 / low:.2f})"
     return f"{ratio:.3f} ({low:.3f}–{high:.3f})"
@@ -239,7 +238,8 @@ def ops_section(path: Path, report: dict) -> list[str]:
         f"### Masking, corruption and loss ops (input {'×'.join(map(str, config.get('input_shape', [])))})",
         "",
         *provenance(path, report),
-        f"{config.get('statistic', 'median')}; per-sample loop references (one sample and one patch, block or slab at a time)"
+        f"{config.get('statistic', 'median')}; per-sample loop references "
+        "(one sample and one patch, block or slab at a time)"
         + (f". Shares of ViT-B/16 training steps on the same batch ({step_text}): every op against Hi-End-MAE's, "
            "the cheapest, and Frepa's ops also against Frepa's, which runs them (its step includes the corruption)."
            if steps else "."),

@@ -24,7 +24,7 @@ def batch() -> torch.Tensor:
 def run(name: str, x: torch.Tensor, config: argparse.Namespace, seed: int = 0) -> tuple:
     """(batched, loop) outputs of a benchmark, each from a generator seeded alike."""
     bench = bench_ops.BENCHMARKS[name]
-    inputs = bench.prepare(x, config) if bench.prepare else x
+    inputs = bench.inputs(x, config)
     return tuple(fn(inputs, torch.Generator().manual_seed(seed), config) for fn in (bench.batched, bench.loop))
 
 
@@ -50,7 +50,8 @@ def test_loop_masks_have_the_batched_masks_structure(name, batch, config):
 
 def test_loop_dual_mask_keeps_tubes_and_a_fixed_count_per_slab(batch, config):
     """MAESIL's grid here is (4, 4, 8): 16 in-plane positions, 8 kept, 4 of those in each of 8 slabs."""
-    for mask in (run("dual_masking", batch, config)[1][2], run("dual_masking", batch, config)[0].mask):
+    batched, loop = run("dual_masking", batch, config)
+    for mask in (loop[2], batched.mask):
         kept = (1 - mask).reshape(mask.shape[0], 16, 8)  # (B, H*W, D): depth is the last grid axis
         assert torch.equal(kept.sum(1), torch.full((mask.shape[0], 8), 4.0))
         assert ((kept.sum(2) > 0).sum(1) <= 8).all()
