@@ -23,6 +23,20 @@ def bundle_workflow(bundle: str, root: Path, *extra_configs: str, **overrides) -
     )
 
 
+def repeated_validation_metrics(flow: ConfigWorkflow) -> tuple[dict, dict]:
+    """The metrics of two runs of the bundle's ``validate#evaluator`` on the same weights.
+
+    A bundle whose validation draws its crops and masks from fixed seeds gives the same metrics
+    twice; one that continues its random streams gives other crops the second time.
+    """
+    flow.initialize()
+    evaluator = flow.parser.get_parsed_content("validate#evaluator")
+    evaluator.run()
+    first = dict(evaluator.state.metrics)
+    evaluator.run()
+    return first, dict(evaluator.state.metrics)
+
+
 def check_metadata_against_schema(bundle: str) -> dict:
     """Validate metadata.json with MONAI's verify_metadata against the official schema copy."""
     if not SCHEMA.is_file():

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundle_workflow import bundle_workflow, check_metadata_against_schema, repeated_validation_metrics
 from monai.bundle import ConfigWorkflow
 
 from medssl.encoders import SEGMENTATION_PREFIX, build_segmentation_network
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "frepa"
-SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "monai" / "meta_schema_20240725.json"
 TINY = dict(
     num_phantoms=3,
     num_val=1,
@@ -32,15 +31,7 @@ TINY = dict(
 
 
 def workflow(root: Path, *extra_configs: str, **overrides) -> ConfigWorkflow:
-    files = [str(BUNDLE / "configs" / f"{name}.json") for name in ("train", "demo", *extra_configs)]
-    return ConfigWorkflow(
-        config_file=files,
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
-        workflow_type="train",
-        bundle_root=str(root),
-        **(TINY | overrides),
-    )
+    return bundle_workflow("frepa", root, *extra_configs, **(TINY | overrides))
 
 
 def run(flow: ConfigWorkflow, component: str = "train#trainer"):
@@ -131,13 +122,13 @@ def test_adversarial_form_trains_generator_and_discriminator(tmp_path):
     assert steps and all(s == trainer.state.iteration for s in steps), "the discriminator stepped every iteration"
 
 
-def test_metadata_is_valid_against_the_official_schema():
-    if not SCHEMA.is_file():
-        pytest.skip(f"official schema not found at {SCHEMA}")
-    from monai.bundle import verify_metadata
+def test_every_validation_sees_the_same_crops_and_masks(tmp_path):
+    first, second = repeated_validation_metrics(workflow(tmp_path))
+    assert first and first == second
 
-    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    metadata = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+
+def test_metadata_is_valid_against_the_official_schema():
+    metadata = check_metadata_against_schema("frepa")
     assert "medssl" in metadata["required_packages_version"]
 
 

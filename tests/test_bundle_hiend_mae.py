@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bundle_workflow import bundle_workflow, check_metadata_against_schema
+from bundle_workflow import bundle_workflow, check_metadata_against_schema, repeated_validation_metrics
 
 from medssl.encoders import SEGMENTATION_PREFIX, build_segmentation_network
 
@@ -90,6 +90,11 @@ def test_evaluate_reports_model_and_patch_mean_errors(trained):
     assert set(metrics) == {"masked_loss", "patch_mean_loss"}
     assert metrics["patch_mean_loss"] == pytest.approx(1.0, abs=0.05)
     assert (root / "eval" / "reconstruction_trained" / "metrics.csv").is_file()
+
+
+def test_every_validation_sees_the_same_crops_and_masks(tmp_path):
+    first, second = repeated_validation_metrics(workflow(tmp_path))
+    assert first and first == second
 
 
 def test_metadata_is_valid_against_the_official_schema():

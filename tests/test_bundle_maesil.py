@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_workflow import bundle_workflow, check_metadata_against_schema
+from bundle_workflow import bundle_workflow, check_metadata_against_schema, repeated_validation_metrics
 from monai.bundle import ConfigWorkflow
 
 from medssl.encoders import build_encoder
@@ -149,6 +149,11 @@ def test_evaluate_names_the_training_command_when_a_baseline_is_missing(trained,
     assert error is not None, f"no FileNotFoundError behind {raised.value!r}"
     assert "models/baselines" not in str(tmp_path) and str(tmp_path) in str(error)
     assert "configs/baselines.json" in str(error) and "--baseline NAME" in str(error)
+
+
+def test_every_validation_sees_the_same_crops_and_masks(tmp_path):
+    first, second = repeated_validation_metrics(workflow(tmp_path))
+    assert first and first == second
 
 
 def test_metadata_is_valid_against_the_official_schema():

@@ -10,7 +10,9 @@ import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.data import DataLoader as MonaiDataLoader, Dataset
 from monai.handlers import ValidationHandler
+from monai.transforms import RandSpatialCropSamplesd
 from torch.utils.data import DataLoader
 
 from medssl.engine import (
@@ -20,6 +22,7 @@ from medssl.engine import (
     MethodInferer,
     ResumableCheckpoint,
     RNGState,
+    SeededValidationData,
     StopOnNonFiniteLoss,
     WarmupCosineSchedule,
     network_loss,
@@ -120,6 +123,37 @@ def test_method_inferer_calls_the_named_method():
     )
     evaluator.run()
     assert evaluator.state.metrics["value"] == pytest.approx(5.0)
+
+
+class CropSum(torch.nn.Module):
+    """Reports the sum of each crop it sees, which tells crops apart."""
+
+    def forward(self, image: torch.Tensor) -> dict:
+        return {"loss": image.sum(), "crop_sum": image.flatten(1).sum(1)}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_seeded_validation_data_validates_the_same_crops_every_run(num_workers):
+    scans = [{"image": torch.arange(4096.0).reshape(1, 16, 16, 16) * (i + 1)} for i in range(3)]
+    crops = RandSpatialCropSamplesd("image", roi_size=(4, 4, 4), num_samples=2, random_size=False)
+
+    def crop_sums(handlers) -> list[list[float]]:
+        seen = []
+        evaluator = SupervisedEvaluator(
+            device=torch.device("cpu"), network=CropSum(), decollate=False, val_handlers=handlers,
+            val_data_loader=MonaiDataLoader(Dataset(scans, crops), batch_size=1, num_workers=num_workers),
+        )
+        evaluator.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda engine: seen.append(engine.state.output["pred"]["crop_sum"].tolist())
+        )
+        for _ in range(2):
+            evaluator.run()
+        return [seen[: len(scans)], seen[len(scans):]]
+
+    first_run, second_run = crop_sums([SeededValidationData(seed=3)])
+    assert first_run == second_run
+    unseeded_first, unseeded_second = crop_sums([])
+    assert unseeded_first != unseeded_second  # without it, the second validation draws other crops
 
 
 def test_orthogonal_views_writes_a_png(tmp_path):

@@ -17,13 +17,13 @@ from medssl.frequency import (
     low_frequency_perturbation,
     spectral_patch_mask,
 )
+from medssl.engine import SeededInferer
 from medssl.models.frepa import (
     AdversarialIteration,
     FrepaCorruption,
     FrepaDiscriminator,
     FrepaNetwork,
     MaskedImageModelling,
-    SeededInferer,
     consistency_loss,
     discriminator_loss,
     generator_adversarial_loss,

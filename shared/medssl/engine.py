@@ -33,6 +33,8 @@ __all__ = [
     "output_loss",
     "MeanOutput",
     "MethodInferer",
+    "SeededInferer",
+    "SeededValidationData",
     "GradientClipping",
     "StopOnNonFiniteLoss",
     "WarmupCosineSchedule",
@@ -103,6 +105,53 @@ class MethodInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs):
         network = getattr(network, "module", network)
         return getattr(network, self.method)(inputs, *args, **kwargs)
+
+
+class SeededInferer(Inferer):
+    """Runs ``network(inputs, generator=...)`` with a generator seeded afresh for every batch.
+
+    For validation of a network that draws masks or corruptions from ``generator``: every epoch
+    then sees the same draws, so its loss curve shows learning, not the luck of the draw.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = seed
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs):
+        generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        return network(inputs, *args, generator=generator, **kwargs)
+
+
+class SeededValidationData:
+    """Re-seed the validation data before every run of the evaluator, so every epoch validates the same crops.
+
+    Random crops of the validation scans (and any other random transform of the validation
+    dataset) otherwise continue their random stream from one validation to the next, and the
+    loss curve mixes learning with the draw of crops. Before each run this seeds every random
+    transform of the evaluator's dataset (they draw in this process when the loader has no
+    workers) and gives the loader a generator with the same seed (worker processes seed their
+    copies of the transforms from it). Training's random state is not touched.
+
+    Attach to a MONAI evaluator: ``SeededValidationData(seed=0).attach(evaluator)``.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        loader = engine.state.dataloader
+        if getattr(loader, "persistent_workers", False):
+            raise ValueError(
+                "SeededValidationData cannot re-seed persistent data loader workers: set persistent_workers "
+                "to false in the validation data loader's config"
+            )
+        for transform in _random_objects(getattr(loader.dataset, "transform", None)):
+            transform.set_random_state(self.seed)
+        loader.generator = torch.Generator().manual_seed(self.seed)
 
 
 class GradientClipping:

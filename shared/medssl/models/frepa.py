@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
-from monai.inferers import Inferer
 from monai.networks.blocks import Convolution
 from monai.utils import CommonKeys, ensure_tuple_rep
 
@@ -51,7 +50,6 @@ __all__ = [
     "discriminator_loss",
     "generator_adversarial_loss",
     "AdversarialIteration",
-    "SeededInferer",
     "loss_terms",
     "MaskedImageModelling",
     "log_spectrum",
@@ -541,22 +539,6 @@ class AdversarialIteration:
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-class SeededInferer(Inferer):
-    """Runs ``network(inputs, generator=...)`` with a generator seeded afresh for every batch.
-
-    Validation then sees the same corruptions every epoch, so its loss curve shows learning,
-    not the luck of the draw.
-    """
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.seed = seed
-
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args, **kwargs):
-        generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
-        return network(inputs, *args, generator=generator, **kwargs)
 
 
 def loss_terms(output: dict) -> dict[str, torch.Tensor]:
