@@ -355,6 +355,7 @@ class StudyRecord:
 
 
 THREADS_KEY = "omp_num_threads"  # a bundle command's OMP_NUM_THREADS (null: unset), in its *.done.json
+SETTINGS_KEY = "settings"  # a bundle command's overrides, less absolute paths, in its *.done.json
 
 
 def _threads(done: Mapping[str, Any]) -> dict[str, str | None]:
@@ -387,10 +388,30 @@ def cli_overrides(overrides: Mapping[str, Any]) -> list[str]:
     return args
 
 
+def step_settings(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's overrides as its *.done.json keeps them, less the absolute paths (a moved runs folder keeps its runs)."""
+    settings = json.loads(json.dumps(dict(overrides), default=str))
+    return {key: value for key, value in settings.items() if not (isinstance(value, str) and os.path.isabs(value))}
+
+
 def run_step(step: Step, root: Path) -> tuple[float, bool]:
-    """Run ``step`` unless it is done; returns (its wall time in seconds, whether it ran now)."""
+    """Run ``step`` unless it is done; returns (its wall time in seconds, whether it ran now).
+
+    A done step whose recorded settings differ from this one's is refused, naming them: its
+    outputs belong to another study.
+    """
     if step.done.is_file():
-        return float(json.loads(step.done.read_text())["wall_s"]), False
+        done = json.loads(step.done.read_text())
+        planned = step_settings(step.overrides)
+        if SETTINGS_KEY in done and done[SETTINGS_KEY] != planned:
+            changed = sorted(key for key in done[SETTINGS_KEY].keys() | planned.keys()
+                             if done[SETTINGS_KEY].get(key) != planned.get(key))
+            raise SystemExit(
+                f"{step.done} was written by a run with other settings ("
+                + ", ".join(f"{key}: {done[SETTINGS_KEY].get(key)!r} -> {planned.get(key)!r}" for key in changed)
+                + f"): delete {step.done.parent} to run it again with these, or give the study another --runs folder"
+            )
+        return float(done["wall_s"]), False
     bundle = root / "bundles" / step.bundle
     args = cli_overrides(step.overrides)
     wall = run_bundle(bundle, config_list(step.configs), *args, log=step.log)
@@ -399,6 +420,7 @@ def run_step(step: Step, root: Path) -> tuple[float, bool]:
         "wall_s": wall,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         THREADS_KEY: os.environ.get("OMP_NUM_THREADS"),  # the bundle process inherits it
+        SETTINGS_KEY: step_settings(step.overrides),
     }
     step.done.write_text(json.dumps(record, indent=1) + "\n")
     return wall, True

@@ -331,3 +331,18 @@ def test_a_bundle_command_records_the_threads_it_ran_with(tmp_path, monkeypatch,
     result = _recorded_results(tmp_path, study.plan_starts({"frepa_cnn": network})[:1], seeds=(0,))[0]
     record.add(result, [done], "machine A", None)
     assert record.thread_settings([result]) == {threads or "unset": 1}
+
+
+def test_a_done_step_of_other_settings_is_refused_and_a_moved_one_reused(tmp_path, monkeypatch):
+    """A preset change (say, more pretraining epochs) must not silently reuse the runs made before it."""
+    monkeypatch.setattr(study, "run_bundle", lambda *args, **kwargs: 12.5)
+    done = tmp_path / "train.done.json"
+
+    def step(epochs: int, root: str) -> study.Step:
+        return study.Step("pretrain", "maesil", ("configs/train.json",), {"epochs": epochs, "bundle_root": root}, done)
+
+    assert study.run_step(step(30, "/old/runs/maesil"), ROOT) == (12.5, True)
+    assert json.loads(done.read_text())["settings"] == {"epochs": 30}
+    assert study.run_step(step(30, "/new/runs/maesil"), ROOT) == (12.5, False)  # the runs folder moved: reused
+    with pytest.raises(SystemExit, match=r"other settings \(epochs: 30 -> 300\): delete"):
+        study.run_step(step(300, "/old/runs/maesil"), ROOT)
