@@ -9,8 +9,8 @@ import socket
 import pytest
 import torch
 from ignite.engine import Events
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.data import DataLoader as MonaiDataLoader, Dataset
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
 from monai.transforms import RandSpatialCropSamplesd
 from torch.utils.data import DataLoader
