@@ -402,15 +402,13 @@ def run_step(step: Step, root: Path) -> tuple[float, bool]:
     """
     if step.done.is_file():
         done = json.loads(step.done.read_text())
-        planned = step_settings(step.overrides)
-        if SETTINGS_KEY in done and done[SETTINGS_KEY] != planned:
-            changed = sorted(key for key in done[SETTINGS_KEY].keys() | planned.keys()
-                             if done[SETTINGS_KEY].get(key) != planned.get(key))
-            raise SystemExit(
-                f"{step.done} was written by a run with other settings ("
-                + ", ".join(f"{key}: {done[SETTINGS_KEY].get(key)!r} -> {planned.get(key)!r}" for key in changed)
-                + f"): delete {step.done.parent} to run it again with these, or give the study another --runs folder"
-            )
+        recorded, planned = done.get(SETTINGS_KEY), step_settings(step.overrides)
+        if recorded is not None and recorded != planned:
+            changed = ", ".join(f"{key}: {recorded.get(key)!r} -> {planned.get(key)!r}"
+                                for key in sorted(recorded.keys() | planned.keys())
+                                if recorded.get(key) != planned.get(key))
+            raise SystemExit(f"{step.done} was written by a run with other settings ({changed}): delete "
+                             f"{step.done.parent} to run it again with these, or give the study another --runs folder")
         return float(done["wall_s"]), False
     bundle = root / "bundles" / step.bundle
     args = cli_overrides(step.overrides)
