@@ -19,9 +19,9 @@ from medssl.engine import (
     BestModelCheckpoint,
     GradientClipping,
     MeanOutput,
-    MethodInferer,
     ResumableCheckpoint,
     RNGState,
+    SeededInferer,
     SeededValidationData,
     StopOnNonFiniteLoss,
     WarmupCosineSchedule,
@@ -46,8 +46,8 @@ class LossNet(torch.nn.Module):
             loss = loss * float("nan")
         return {"loss": loss, "per_sample": image.flatten(1).mean(1)}
 
-    def doubled(self, image: torch.Tensor) -> dict:
-        return {"value": 2 * image.flatten(1).mean(1)}
+    def noisy_double(self, image: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        return {"value": 2 * image.flatten(1).mean(1) + torch.rand(image.shape[0], generator=generator)}
 
 
 def loader(n: int = 4) -> DataLoader:
@@ -115,14 +115,15 @@ def test_mean_output_averages_per_sample_and_scalar_entries():
     assert evaluator.state.metrics["loss"] == pytest.approx(1300 * (1.5**2 + 3.5**2) / 2, rel=1e-6)
 
 
-def test_method_inferer_calls_the_named_method():
-    network = LossNet()
+def test_seeded_inferer_calls_the_named_method_with_the_same_draws_every_batch():
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=loader(), network=network, decollate=False,
-        inferer=MethodInferer("doubled"), key_val_metric={"value": MeanOutput("value")},
+        device=torch.device("cpu"), val_data_loader=loader(), network=LossNet(), decollate=False,
+        inferer=SeededInferer(seed=3, method="noisy_double"), key_val_metric={"value": MeanOutput("value")},
     )
     evaluator.run()
-    assert evaluator.state.metrics["value"] == pytest.approx(5.0)
+    # Both batches of two draw the same two numbers; the doubled image means average to 5.
+    noise = torch.rand(2, generator=torch.Generator().manual_seed(3)).mean().item()
+    assert evaluator.state.metrics["value"] == pytest.approx(5.0 + noise)
 
 
 class CropSum(torch.nn.Module):

@@ -32,7 +32,6 @@ __all__ = [
     "network_loss",
     "output_loss",
     "MeanOutput",
-    "MethodInferer",
     "SeededInferer",
     "SeededValidationData",
     "GradientClipping",
@@ -95,31 +94,24 @@ class MeanOutput(Metric):
         return float(self._sum) / self._count
 
 
-class MethodInferer(Inferer):
-    """Inferer that calls a named method of the network instead of forward (e.g. an evaluation)."""
-
-    def __init__(self, method: str) -> None:
-        super().__init__()
-        self.method = method
-
-    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs):
-        network = getattr(network, "module", network)
-        return getattr(network, self.method)(inputs, *args, **kwargs)
-
-
 class SeededInferer(Inferer):
     """Runs ``network(inputs, generator=...)`` with a generator seeded afresh for every batch.
 
     For validation of a network that draws masks or corruptions from ``generator``: every epoch
     then sees the same draws, so its loss curve shows learning, not the luck of the draw.
+    ``method`` names another method of the network to call the same way (e.g. an evaluation
+    that returns per-sample errors); the network's ``module`` is used when it has one (DDP).
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, method: str | None = None) -> None:
         super().__init__()
         self.seed = seed
+        self.method = method
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs):
         generator = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        if self.method is not None:
+            network = getattr(getattr(network, "module", network), self.method)
         return network(inputs, *args, generator=generator, **kwargs)
 
 

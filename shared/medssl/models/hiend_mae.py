@@ -50,7 +50,6 @@ class HiEndMAE(nn.Module):
             deep; they are used deep to shallow.
         norm_pix_loss: normalise each target patch by its own mean and variance.
         spatial_dims: 2 or 3.
-        eval_seed: seed of the masks drawn in eval mode, so validation losses compare across epochs.
 
     ``forward(image)`` takes (B, C, *img_size) and returns {"loss": scalar, "pred": (B, N, P),
     "mask": (B, N)}, P = prod(patch) * C, mask 1 where a token was hidden; "pred" holds the
@@ -70,7 +69,6 @@ class HiEndMAE(nn.Module):
         tap_blocks: Sequence[int] = (3, 6, 9),
         norm_pix_loss: bool = True,
         spatial_dims: int = 3,
-        eval_seed: int = 0,
     ) -> None:
         super().__init__()
         overrides = {} if patch_size is None else {"patch_size": patch_size}
@@ -83,7 +81,6 @@ class HiEndMAE(nn.Module):
         self.img_size = tuple(g * p for g, p in zip(self.encoder.grid_shape, self.patch_size))
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.eval_seed = eval_seed
         # Deep to shallow: cross-attention block i reads hidden state tap_order[i].
         self.tap_order = tuple(sorted(tap_blocks, reverse=True))
 
@@ -111,8 +108,6 @@ class HiEndMAE(nn.Module):
         freeze_unused_cross_attention_norms(self)
 
     def draw_mask(self, image: torch.Tensor, generator: torch.Generator | None = None) -> TokenMask:
-        if generator is None and not self.training:
-            generator = torch.Generator(device=image.device).manual_seed(self.eval_seed)
         return random_masking(image.shape[0], self.encoder.num_tokens, self.mask_ratio, image.device, generator)
 
     def decode(
