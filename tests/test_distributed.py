@@ -30,10 +30,8 @@ def mask_draw(network: torch.nn.Module, roi_size) -> torch.Tensor | None:
     image = torch.linspace(0, 1, int(torch.tensor(roi_size).prod())).reshape(1, 1, *roi_size)
     if hasattr(network, "corruption"):  # Frepa
         return network.corruption(image)[0]
-    if hasattr(network, "superpatch_size"):  # MAESIL's dual mask
+    if hasattr(network, "draw_mask"):  # MAESIL's dual mask, Hi-End-MAE's random mask
         return network.draw_mask(1, image.device).mask
-    if hasattr(network, "draw_mask"):  # Hi-End-MAE
-        return network.draw_mask(image).mask
     return None
 
 

@@ -43,7 +43,7 @@ def test_cross_attention_reads_taps_9_6_3_in_that_order():
 def test_only_the_final_tap_is_normed():
     model = tiny_model().eval()
     x = image()
-    mask = model.draw_mask(x)
+    mask = model.draw_mask(x.shape[0], x.device)
     latent, hidden = model.encoder(x, mask.ids_keep)
     torch.testing.assert_close(latent, model.encoder.norm(hidden[-1]))
 

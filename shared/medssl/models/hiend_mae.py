@@ -107,8 +107,9 @@ class HiEndMAE(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         freeze_unused_cross_attention_norms(self)
 
-    def draw_mask(self, image: torch.Tensor, generator: torch.Generator | None = None) -> TokenMask:
-        return random_masking(image.shape[0], self.encoder.num_tokens, self.mask_ratio, image.device, generator)
+    def draw_mask(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None) -> TokenMask:
+        """A random token mask at ``mask_ratio`` for each sample of a batch."""
+        return random_masking(batch_size, self.encoder.num_tokens, self.mask_ratio, device, generator)
 
     def decode(
         self, latent: torch.Tensor, hidden_states: list[torch.Tensor], mask: TokenMask, ids_masked: torch.Tensor
@@ -123,7 +124,7 @@ class HiEndMAE(nn.Module):
         return self.decoder_pred(self.decoder_norm(gather_tokens(x, ids_masked)))
 
     def forward(self, image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        mask = self.draw_mask(image, generator)
+        mask = self.draw_mask(image.shape[0], image.device, generator)
         latent, hidden_states = self.encoder(image, mask.ids_keep)
         ids_masked = masked_token_ids(mask)
         pred = self.decode(latent, hidden_states, mask, ids_masked)  # (B, M, P)
