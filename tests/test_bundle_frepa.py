@@ -127,6 +127,14 @@ def test_every_validation_sees_the_same_crops_and_masks(tmp_path):
     assert first and first == second
 
 
+def test_validation_corruptions_are_seeded_alike_whatever_the_run_seed(tmp_path):
+    """A run with another seed validates on the same corruptions (seed 0), so validation losses compare."""
+    flow = workflow(tmp_path, seed=1)
+    flow.initialize()
+    assert flow.parser.get_parsed_content("seed") == 1
+    assert flow.parser.get_parsed_content("validate#inferer").seed == 0
+
+
 def test_metadata_is_valid_against_the_official_schema():
     metadata = check_metadata_against_schema("frepa")
     assert "medssl" in metadata["required_packages_version"]
