@@ -165,10 +165,14 @@ def test_finetune_from_a_maesil_bundle_with_its_patch_8_encoder(phantoms, tmp_pa
     with caplog.at_level(logging.INFO):
         train = run_workflow(
             [CONFIGS / "train.json", CONFIGS / "demo.json"], "train",
-            **tiny(phantoms, out), encoder_args=MAESIL_ENCODER_ARGS,
+            **tiny(phantoms, out), encoder_args=MAESIL_ENCODER_ARGS, amp=True,
             **{"pretrained#bundle_name": "maesil", "pretrained#bundle_dir": str(bundles)},
         )
     assert "copied 61 of 61 vit encoder tensors" in caplog.text  # 3 embedding + 4 blocks x 14 + 2 norm
+    # amp on the CPU: bfloat16 autocast in both inferers, MONAI's CUDA-only amp (float16, scaler) off.
+    assert train.parser.get_parsed_content("train#inferer").enabled
+    assert train.parser.get_parsed_content("validate#inferer").enabled
+    assert not train.parser.get_parsed_content("train#trainer").amp
     network = train.parser.get_parsed_content("network")
     assert isinstance(network, GeneralizedUNETR) and network.skip_blocks == (0, 1, 2)
     # The patch embedding was fine-tuned from MAESIL's, not from a random start.
@@ -216,6 +220,19 @@ def test_ids_that_monai_label_and_the_zoo_read():
     infer.read_config(str(CONFIGS / "inference.json"))
     for key in ("network_def", "preprocessing", "postprocessing", "inferer", "device", "bundle_root", "output_dir"):
         assert key in infer, key
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_means_bfloat16_autocast_on_the_cpu_in_training_evaluation_and_inference(amp):
+    from monai.bundle import ConfigParser
+
+    for config, evaluator in (("train.json", "validate#evaluator#amp"), ("inference.json", "evaluator#amp")):
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / config))
+        parser.update({"device": "$torch.device('cpu')", "amp": amp})
+        inferer = "validate#inferer" if config == "train.json" else "inferer"
+        assert parser.get_parsed_content(inferer).enabled is amp, config
+        assert parser.get_parsed_content(evaluator) is False, config  # MONAI's amp autocasts CUDA only
 
 
 @pytest.mark.parametrize("encoder_args", [{}, MAESIL_ENCODER_ARGS], ids=["monai_unetr", "patch8_unetr"])

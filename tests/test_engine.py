@@ -12,11 +12,13 @@ from ignite.engine import Events
 from monai.data import DataLoader as MonaiDataLoader, Dataset
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
+from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.transforms import RandSpatialCropSamplesd
 from torch.utils.data import DataLoader
 
 from medssl.engine import (
     BestModelCheckpoint,
+    CPUAutocastInferer,
     GradientClipping,
     MeanOutput,
     ResumableCheckpoint,
@@ -124,6 +126,43 @@ def test_seeded_inferer_calls_the_named_method_with_the_same_draws_every_batch()
     # Both batches of two draw the same two numbers; the doubled image means average to 5.
     noise = torch.rand(2, generator=torch.Generator().manual_seed(3)).mean().item()
     assert evaluator.state.metrics["value"] == pytest.approx(5.0 + noise)
+
+
+class PrecisionProbe(torch.nn.Module):
+    """A pointwise convolution (so sliding windows agree with the whole image) that records its output dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        output = self.conv(image)
+        self.seen.append(output.dtype)
+        return output
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_cpu_autocast_inferer_runs_the_network_in_bfloat16_and_returns_float32(enabled):
+    image = torch.rand(2, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    network = PrecisionProbe()
+    expected = network(image)
+    network.seen.clear()
+    # Sliding windows: four windows of each image, blended in the inferer's float32 buffer.
+    inferer = CPUAutocastInferer(SlidingWindowInferer(roi_size=(8, 8, 8), sw_batch_size=2, overlap=0.5),
+                                 enabled=enabled)
+    output = inferer(image, network)
+    assert output.dtype == torch.float32
+    assert set(network.seen) == {torch.bfloat16 if enabled else torch.float32}
+    error = (output - expected).abs().max().item()
+    assert (0 < error < 0.02) if enabled else (error < 1e-5)
+    # Training: gradients reach the float32 weights through the bfloat16 convolution.
+    network.seen.clear()
+    loss = CPUAutocastInferer(SimpleInferer(), enabled=enabled)(image, network).square().mean()
+    loss.backward()
+    assert loss.dtype == torch.float32 and network.conv.weight.grad.dtype == torch.float32
+    assert network.conv.weight.grad.abs().sum() > 0
 
 
 class CropSum(torch.nn.Module):

@@ -293,6 +293,24 @@ def test_linear_decoder_fine_tunes_the_vit_methods_in_folders_of_their_own(tmp_p
     assert "--decoder linear needs a ViT encoder; ['frepa_cnn'] have none" in capsys.readouterr().err
 
 
+def test_amp_fine_tunes_and_evaluates_with_seg_finetunes_amp_under_settings_of_its_own(tmp_path):
+    preset, runs, out = study.PRESETS["smoke"], tmp_path / "runs", tmp_path / "r.md"
+    study.main(["--size", "smoke", "--runs", str(runs), "--out", str(out), "--amp", "--report-only",
+                "--methods", "hiend_mae"])
+    assert "UNETR (vit-tiny), 32³ crops, amp (bfloat16 autocast on the CPU)" in out.read_text()
+    networks = json.loads(out.with_suffix(".json").read_text())["settings"]["networks"]
+    assert networks["hiend_mae"]["amp"] is True
+    # The same study without --amp is another study: its record refuses these runs.
+    with pytest.raises(SystemExit, match="other settings"):
+        study.main(["--size", "smoke", "--runs", str(tmp_path / "fp32"), "--out", str(out), "--report-only",
+                    "--methods", "hiend_mae"])
+    starts = study.plan_starts({"hiend_mae": networks["hiend_mae"]})
+    data = {"test": tmp_path / "test.json", "finetune_seed0": tmp_path / "ft0.json"}
+    chain = study.finetune_chain(preset, starts[0], 1, 0, runs, data, {"hiend_mae": tmp_path / "model.pt"})
+    study.check_overrides(ROOT, chain)
+    assert [step.overrides["amp"] for step in chain] == [True, True]  # fine-tuning and its evaluation
+
+
 @pytest.mark.parametrize("decoder", ["default", "linear"])
 def test_random_encoder_loads_back_strictly_and_depends_on_the_seed(tmp_path, decoder):
     """The random-probe baseline's frozen encoder: seg_finetune's loader takes it like a pretraining's weights."""

@@ -33,6 +33,7 @@ __all__ = [
     "output_loss",
     "MeanOutput",
     "SeededInferer",
+    "CPUAutocastInferer",
     "SeededValidationData",
     "GradientClipping",
     "StopOnNonFiniteLoss",
@@ -113,6 +114,38 @@ class SeededInferer(Inferer):
         if self.method is not None:
             network = getattr(getattr(network, "module", network), self.method)
         return network(inputs, *args, generator=generator, **kwargs)
+
+
+class CPUAutocastInferer(Inferer):
+    """Runs ``inferer`` with the network under bfloat16 autocast on the CPU; its outputs come back in float32.
+
+    MONAI's engines autocast only on CUDA (their ``amp`` is float16 with a gradient scaler), so
+    the bundles give CPU runs their mixed precision here: the network's convolutions and matrix
+    products run in bfloat16, while the weights, the optimiser, the loss and the blending of
+    sliding windows stay in float32. Backward follows the forward's precision through autograd.
+    It pays only where the CPU computes bfloat16 natively (AVX512-BF16 or AMX; elsewhere oneDNN
+    emulates it, more slowly than float32), so a run on another CPU is warned. ``enabled=False``
+    runs ``inferer`` as it is.
+    """
+
+    def __init__(self, inferer: Inferer, enabled: bool = True) -> None:
+        super().__init__()
+        self.inferer = inferer
+        self.enabled = enabled
+        if enabled and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            logger.warning("bfloat16 autocast on a CPU without native bfloat16 (AVX512-BF16 or AMX) is slower "
+                           "than float32: set amp to false")
+
+    def __call__(self, inputs: torch.Tensor, network: Callable, *args, **kwargs):
+        if not self.enabled:
+            return self.inferer(inputs, network, *args, **kwargs)
+
+        def autocast_network(*network_args, **network_kwargs):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output = network(*network_args, **network_kwargs)
+            return output.float() if output.is_floating_point() else output
+
+        return self.inferer(inputs, autocast_network, *args, **kwargs)
 
 
 class SeededValidationData:
