@@ -60,6 +60,8 @@ bench: venv
 	$(BIN)/python bench/bench_data.py --preset demo --out bench/results/data_demo.json
 	$(BIN)/python bench/bench_data.py --preset paper --batch-size 2 --out bench/results/data_paper.json
 	$(BIN)/python bench/bench_inference.py --preset paper --warmup 0 --repeats 1 --out bench/results/inference_paper.json
+	$(BIN)/python bench/bench_inference.py --preset paper --amp --warmup 0 --repeats 1 --out bench/results/inference_paper_amp.json
+	$(BIN)/python bench/bench_finetune_step.py --preset demo --warmup 1 --steps 5 --out bench/results/finetune_step_demo.json
 	$(BIN)/python bench/bench_ops.py --warmup 1 --repeats 3 --out bench/results/ops.json
 	$(BIN)/python bench/bench_maesil.py --steps 1 --out bench/results/maesil.json
 	$(BIN)/python bench/report.py

@@ -6,14 +6,17 @@ roi 96^3, sw_batch_size 4, overlap 0.5, Gaussian blending), merged with demo.jso
 The scan is a seeded random volume of --shape (default 256 x 256 x 160, a typical abdominal CT
 after resampling to 1.5 mm): the work does not depend on the voxel values. Measured:
 - the median wall time of the whole sliding-window pass (windows, network, blending) over
-  --repeats runs after --warmup, without gradients, float16 autocast on CUDA as the bundle's
-  evaluator (amp) runs it;
+  --repeats runs after --warmup, without gradients, in the bundle's precision for ``--amp``
+  (default: on with CUDA, as the bundle): float16 autocast on CUDA as its evaluator runs it,
+  bfloat16 autocast on the CPU (its inferer, medssl.engine.CPUAutocastInferer), else float32;
 - the windows per pass, counted at the network's input;
 - FLOPs of a pass (torch's FlopCounterMode on one window, times the windows; blending not
-  counted) and their rate against the fp32 (CPU) or bf16 (CUDA) GEMM rate measured in the same run;
+  counted) and their rate against the GEMM rate measured in the same run: bf16 on CUDA and for
+  amp on the CPU, fp32 otherwise;
 - peak memory: this process's peak RSS on CPU (it runs nothing else), max allocated on CUDA.
 
     python bench/bench_inference.py --preset paper --out bench/results/inference_paper.json
+    python bench/bench_inference.py --preset paper --amp --out bench/results/inference_paper_amp.json
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ class WindowCounter(nn.Module):
         return self.network(x)
 
 
-def seg_finetune_config(preset: str, device: torch.device) -> ConfigParser:
+def seg_finetune_config(preset: str, device: torch.device, amp: bool) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(BUNDLES / "seg_finetune" / "configs" / name) for name in PRESETS[preset]])
-    parser["device"] = f"$torch.device('{device}')"
+    parser.update({"device": f"$torch.device('{device}')", "amp": amp})
     return parser
 
 
@@ -71,6 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="the bundle's amp (default: on with CUDA, as the bundle)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
     return parser.parse_args(argv)
@@ -80,9 +85,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    amp = device.type == "cuda" if args.amp is None else args.amp
     load_at_start = os.getloadavg()
     before_build = peak_rss_bytes()
-    parser = seg_finetune_config(args.preset, device)
+    parser = seg_finetune_config(args.preset, device, amp)
     torch.manual_seed(0)
     network = WindowCounter(parser.get_parsed_content("network").eval())
     inferer = parser.get_parsed_content("inferer")
@@ -90,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     scan = torch.rand(1, 1, *args.shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     def run() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda"):
             inferer(scan, network)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -108,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     windows = network.windows
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     flops = window_flops(network.network, roi_size, device) * windows
-    gemm = gemm_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    gemm = gemm_rate(device, torch.bfloat16 if amp or device.type == "cuda" else torch.float32)
     median = statistics.median(times)
     result = {
         "network": type(network.network).__name__,
@@ -116,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "roi_size": roi_size,
         "sw_batch_size": parser.get_parsed_content("sw_batch_size"),
         "overlap": parser.get_parsed_content("sw_overlap"),
-        "mode": parser.get_parsed_content("inferer#mode"),
+        "mode": parser.get_parsed_content("inferer#inferer#mode"),
         "scan_shape": list(args.shape),
         "windows": windows,
         "seconds_median": median,
@@ -146,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         "preset": args.preset,
         "configs": list(PRESETS[args.preset]),
-        "dtype": "float16 autocast" if device.type == "cuda" else "float32",
+        "dtype": ("float16 autocast" if device.type == "cuda" else "bfloat16 autocast") if amp else "float32",
         "warmup": args.warmup,
         "repeats": args.repeats,
         "gemm_gflop_s": gemm / 1e9,

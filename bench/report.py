@@ -176,6 +176,34 @@ def step_source(rate: dict) -> str:
     return f"{rate['device']} step, {where}" if rate.get("device") else where
 
 
+def finetune_step_section(path: Path, report: dict) -> list[str]:
+    amp, gemm = report["amp_dtype"], report["gemm_gflop_s"]
+    rows = []
+    for kind, entry in report["networks"].items():
+        low, high = ratio_interval(entry["float32"]["seconds"], entry["amp"]["seconds"])
+        rows.append([
+            f"{kind} ({entry['network']})", "×".join(map(str, entry["batch"])), number(entry["gflop"], 1),
+            number(entry["float32"]["seconds_median"]), number(entry["amp"]["seconds_median"]),
+            f"{entry['speedup']:.2f}× ({low:.2f}–{high:.2f})",
+            percent(entry["float32"]["fraction_of_gemm"]), percent(entry["amp"]["fraction_of_gemm"]),
+        ])
+    header = ["network", "batch", "GFLOP/step", "float32 s/step", f"amp ({amp}) s/step", "speed-up",
+              "float32 vs float32 GEMM", f"amp vs {amp} GEMM"]
+    return [
+        f"### Fine-tuning step, {report['preset']} preset ({report['machine']['device']}, float32 and amp)",
+        "",
+        *provenance(path, report),
+        f"One seg_finetune iteration (train#inferer, DiceCE, backward, fused AdamW) built from the bundle's configs "
+        f"with amp false and true, alternating; median of {report['steps']} steps after {report['warmup']} warm-up. "
+        f"Speed-up: float32 over amp step time, with the {RATIO_INTERVAL_LEVEL:.0%} bootstrap interval over the "
+        f"alternating steps. GEMM rates in the same run: {gemm['float32']:.1f} GFLOP/s float32, "
+        f"{gemm['amp']:.1f} GFLOP/s {amp}. FLOPs: convolutions and matrix products of the float32 step.",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
 def data_section(path: Path, report: dict) -> list[str]:
     rows = []
     for bundle, b in report["bundles"].items():
@@ -280,6 +308,7 @@ def kind_of(report: dict) -> str | None:
 
 SECTIONS: dict[str, Callable[[Path, dict], list[str]]] = {
     "pretrain_step": pretrain_step_section,
+    "finetune_step": finetune_step_section,
     "data": data_section,
     "inference": inference_section,
     "ops": ops_section,
