@@ -48,7 +48,7 @@ test-monailabel: $(MONAILABEL_VENV)/.installed
 demo: venv
 	$(BIN)/python -m medssl.demo
 
-# `make bench`: every benchmark with small repeat counts (about 20 minutes on 2 quiet CPU cores), results in
+# `make bench`: every benchmark with small repeat counts (about 25 minutes on 2 quiet CPU cores), results in
 # bench/results/*.json, then docs/benchmarks.md. Frepa's Swin and CNN networks take minutes per step at paper
 # size on a CPU: add them on a GPU with BENCH_PAPER_NETWORKS="hiend_mae maesil frepa_vit frepa_swin frepa_cnn".
 BENCH_PAPER_NETWORKS ?= hiend_mae maesil frepa_vit

@@ -243,7 +243,8 @@ def inference_section(path: Path, report: dict) -> list[str]:
         "",
         *provenance(path, report),
         f"Median of {report['repeats']} passes after {report['warmup']} warm-up; GEMM rate in the same run "
-        f"{report['gemm_gflop_s']:.1f} GFLOP/s; peak memory: {r['peak_memory']['kind']}.",
+        f"{report['gemm_gflop_s']:.1f} GFLOP/s (bfloat16 on CUDA and under autocast on the CPU, float32 otherwise); "
+        f"peak memory: {r['peak_memory']['kind']}.",
         "",
         *table(header, [row]),
         "",
