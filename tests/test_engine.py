@@ -165,6 +165,16 @@ def test_cpu_autocast_inferer_runs_the_network_in_bfloat16_and_returns_float32(e
     assert network.conv.weight.grad.abs().sum() > 0
 
 
+def test_cpu_autocast_inferer_warns_on_a_cpu_without_native_bfloat16(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        CPUAutocastInferer(SimpleInferer(), enabled=False)
+        assert caplog.text == ""
+        CPUAutocastInferer(SimpleInferer(), enabled=True)
+    assert "without native bfloat16" in caplog.text and "set amp to false" in caplog.text
+
+
 class CropSum(torch.nn.Module):
     """Reports the sum of each crop it sees, which tells crops apart."""
 

@@ -132,7 +132,7 @@ class CPUAutocastInferer(Inferer):
         super().__init__()
         self.inferer = inferer
         self.enabled = enabled
-        if enabled and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if enabled and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
             logger.warning("bfloat16 autocast on a CPU without native bfloat16 (AVX512-BF16 or AMX) is slower "
                            "than float32: set amp to false")
 
