@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_pretrain_step import BUNDLES, _sync, gemm_rate, machine_info, write_report  # bench/ is on sys.path
+from bench_pretrain_step import BUNDLES, _sync, add_run_arguments, gemm_rate, machine_info, write_report  # bench/ is on sys.path
 
 PRESETS = {"paper": ("train.json",), "demo": ("train.json", "demo.json")}
 NETWORK_KINDS = ("vit", "swin", "cnn")
@@ -104,9 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--networks", nargs="+", choices=NETWORK_KINDS, default=list(NETWORK_KINDS))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per precision")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -27,7 +27,6 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_pretrain_step import BUNDLES, gemm_rate, peak_rss_bytes, write_report  # bench/ is on sys.path when run as a script
+from bench_pretrain_step import BUNDLES, add_run_arguments, gemm_rate, peak_rss_bytes, write_report  # bench/ is on sys.path when run as a script
 
 PRESETS = {"paper": ("inference.json",), "demo": ("inference.json", "demo.json")}
 
@@ -73,11 +72,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape", type=int, nargs=3, default=(256, 256, 160), help="scan size in voxels")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="the bundle's amp (default: on with CUDA, as the bundle)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
+    add_run_arguments(parser)
     return parser.parse_args(argv)
 
 

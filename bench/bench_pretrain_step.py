@@ -486,6 +486,14 @@ def machine_info(device: torch.device, threads: int) -> dict:
     }
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The options every benchmark script takes: --device (unless ``device`` is False), --threads, --out."""
+    if device:
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
@@ -493,15 +501,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="crops per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per network")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    add_run_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's datasheet peak in the step's dtype, for MFU against it")
     parser.add_argument("--official-hiend-mae", type=Path, default=None, metavar="CHECKOUT",
                         help="a checkout of github.com/FengheTan9/Hi-End-MAE (with timm 0.5.4 installed): time the "
                              "official implementation beside hiend_mae (paper preset)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
     return parser.parse_args(argv)
 
 
