@@ -25,18 +25,17 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from monai.bundle import ConfigParser
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_pretrain_step import BUNDLES, _sync, add_run_arguments, gemm_rate, machine_info, write_report  # bench/ is on sys.path
+from bench_pretrain_step import (  # bench/ is on sys.path
+    PRESETS, add_run_arguments, bundle_config, gemm_rate, machine_info, time_alternating, write_report,
+)
 
-PRESETS = {"paper": ("train.json",), "demo": ("train.json", "demo.json")}
 NETWORK_KINDS = ("vit", "swin", "cnn")
 
 
@@ -69,9 +68,8 @@ class FineTuningStep:
 
 def build_step(preset: str, kind: str, amp: bool, device: torch.device) -> FineTuningStep:
     """seg_finetune's pieces for ``kind`` with ``amp``, the network at seed 0, and a seeded batch."""
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLES / "seg_finetune" / "configs" / name) for name in PRESETS[preset]])
-    parser.update({"network_kind": kind, "amp": amp, "device": f"$torch.device('{device}')"})
+    parser = bundle_config("seg_finetune", PRESETS[preset],
+                           {"network_kind": kind, "amp": amp, "device": f"$torch.device('{device}')"})
     torch.manual_seed(0)
     network = parser.get_parsed_content("network")
     crops = (parser.get_parsed_content("num_samples"), 1, *parser.get_parsed_content("roi_size"))
@@ -81,20 +79,6 @@ def build_step(preset: str, kind: str, amp: bool, device: torch.device) -> FineT
     return FineTuningStep(network, parser.get_parsed_content("loss"), parser.get_parsed_content("optimizer"),
                           parser.get_parsed_content("train#inferer"), parser.get_parsed_content("cuda_amp"),
                           image, label)
-
-
-def alternate(steps: dict[str, FineTuningStep], warmup: int, timed: int, device: torch.device) -> dict[str, list]:
-    """Step times of each entry of ``steps``, one step of each in turn."""
-    times = {name: [] for name in steps}
-    for index in range(warmup + timed):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            if index >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -119,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for kind in args.networks:
         steps = {"float32": build_step(args.preset, kind, False, device), "amp": build_step(args.preset, kind, True, device)}
         flops = steps["float32"].flops()
-        times = alternate(steps, args.warmup, args.steps, device)
+        times = time_alternating(steps, args.warmup, args.steps, device)
         entry = {"network": type(steps["float32"].network).__name__, "batch": list(steps["float32"].image.shape),
                  "gflop": flops / 1e9}
         for precision, measured in times.items():
@@ -136,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "command": " ".join(["python bench/bench_finetune_step.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,
         "preset": args.preset,
-        "configs": list(PRESETS[args.preset]),
+        "configs": list(PRESETS[args.preset]["configs"]),
         "amp_dtype": str(amp_dtype).removeprefix("torch."),
         "warmup": args.warmup,
         "steps": args.steps,

@@ -34,7 +34,7 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_pretrain_step import BUNDLES, add_run_arguments, gemm_rate, peak_rss_bytes, write_report  # bench/ is on sys.path when run as a script
+from bench_pretrain_step import add_run_arguments, bundle_config, gemm_rate, peak_rss_bytes, write_report  # bench/ is on sys.path when run as a script
 
 PRESETS = {"paper": ("inference.json",), "demo": ("inference.json", "demo.json")}
 
@@ -53,10 +53,7 @@ class WindowCounter(nn.Module):
 
 
 def seg_finetune_config(preset: str, device: torch.device, amp: bool) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(BUNDLES / "seg_finetune" / "configs" / name) for name in PRESETS[preset]])
-    parser.update({"device": f"$torch.device('{device}')", "amp": amp})
-    return parser
+    return bundle_config("seg_finetune", {"configs": PRESETS[preset]}, {"device": f"$torch.device('{device}')", "amp": amp})
 
 
 def window_flops(network: nn.Module, roi_size: Sequence[int], device: torch.device) -> int:

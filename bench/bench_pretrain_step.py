@@ -407,7 +407,7 @@ def peak_memory(name: str, role: str, preset: Mapping[str, Any], batch: int, dev
     return result
 
 
-def time_alternating(steps: dict[str, TrainingStep], warmup: int, repeats: int, device: torch.device) -> dict:
+def time_alternating(steps: Mapping[str, Callable[[], None]], warmup: int, repeats: int, device: torch.device) -> dict:
     """Step times in seconds per role, the roles' steps alternating so both see the same machine state."""
     for _ in range(warmup):
         for step in steps.values():
