@@ -147,6 +147,20 @@ def test_default_dataset_regenerates_for_other_settings_and_never_overwrites_use
         default_dataset(user, num=1, shape=(24, 24, 24))
 
 
+def test_default_dataset_reads_a_dataset_without_a_contrast_setting_as_full_contrast(tmp_path, caplog):
+    root = tmp_path / "data"
+    json_path = default_dataset(root, num=1, seed=0, shape=(24, 24, 24))
+    content = json.loads(json_path.read_text())
+    del content["generator"]["soft_tissue_contrast"]  # as written before the setting existed
+    json_path.write_text(json.dumps(content))
+    with caplog.at_level(logging.WARNING, logger="medssl.data.datalists"):
+        default_dataset(root, num=1, seed=0, shape=(24, 24, 24))
+        assert "regenerating" not in caplog.text
+        default_dataset(root, num=1, seed=0, shape=(24, 24, 24), soft_tissue_contrast=0.0)
+    assert "regenerating" in caplog.text
+    assert json.loads(json_path.read_text())["generator"]["soft_tissue_contrast"] == 0.0
+
+
 def test_default_dataset_is_safe_under_concurrent_callers(tmp_path):
     root = tmp_path / "data"
     results, errors = [], []

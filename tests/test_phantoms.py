@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from medssl.data.phantoms import LABEL_IDS, LABELS, generate_phantom, main, write_phantom_dataset
+from medssl.data.phantoms import (
+    HU,
+    LABEL_IDS,
+    LABELS,
+    SOFT_TISSUES,
+    generate_phantom,
+    main,
+    tissue_numbers,
+    write_phantom_dataset,
+)
 
 # (low, high) of the median HU inside each organ, away from its boundary (mask eroded by one voxel)
 ORGAN_HU = {
@@ -135,6 +144,32 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     assert str(json_path) in capsys.readouterr().out
     image = nib.load(tmp_path / "cli" / "imagesTr" / "phantom_000.nii.gz")
     assert image.shape == (24, 24, 24) and image.header.get_zooms() == (2.0, 2.0, 2.0)
+
+
+def test_soft_tissue_contrast_changes_intensities_not_anatomy(phantom96):
+    image, label, _ = phantom96
+    flat_image, flat_label, _ = generate_phantom((96, 96, 96), (1.5, 1.5, 1.5), seed=3, soft_tissue_contrast=0.0)
+    np.testing.assert_array_equal(flat_label, label)
+    interior = {name: ndimage.binary_erosion(label == LABEL_IDS[name]) for name in ("liver", "spleen", "bone")}
+    # Unenhanced CT: liver about 10 HU above spleen. Without contrast they share muscle's number;
+    # bone is not a soft tissue and keeps its own (up to the blur of its soft-tissue neighbours).
+    assert np.median(image[interior["liver"]]) - np.median(image[interior["spleen"]]) > 5
+    assert abs(np.median(flat_image[interior["liver"]]) - np.median(flat_image[interior["spleen"]])) < 3
+    assert abs(np.median(flat_image[interior["bone"]]) - np.median(image[interior["bone"]])) <= 2
+
+
+def test_tissue_numbers_scale_soft_tissues_towards_muscle():
+    assert tissue_numbers() == HU
+    half = tissue_numbers(0.5)
+    assert half["liver"] == HU["muscle"] + 0.5 * (HU["liver"] - HU["muscle"]) and half["lung"] == HU["lung"]
+    assert set(tissue_numbers(0.0)[name] for name in SOFT_TISSUES) == {HU["muscle"]}
+    with pytest.raises(ValueError, match="soft_tissue_contrast"):
+        tissue_numbers(-0.5)
+
+
+def test_cli_records_the_soft_tissue_contrast(tmp_path):
+    json_path = main(["--out", str(tmp_path / "flat"), "--num", "1", "--size", "24", "--soft-tissue-contrast", "0"])
+    assert json.loads(json_path.read_text())["generator"]["soft_tissue_contrast"] == 0.0
 
 
 @pytest.mark.parametrize(

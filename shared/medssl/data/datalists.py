@@ -172,7 +172,9 @@ def _phantom_settings(json_path: Path) -> dict | None:
     generator = content.get("generator") if isinstance(content, dict) else None
     if not isinstance(generator, dict) or generator.get("module") != GENERATOR:
         return None
-    return {"num": content.get("numTraining"), **{k: generator.get(k) for k in ("seed", "shape", "spacing")}}
+    return {"num": content.get("numTraining"), **{k: generator.get(k) for k in ("seed", "shape", "spacing")},
+            # datasets written before the setting existed have full contrast
+            "soft_tissue_contrast": generator.get("soft_tissue_contrast", 1.0)}
 
 
 def default_dataset(
@@ -181,8 +183,12 @@ def default_dataset(
     seed: int = 0,
     shape: Sequence[int] = (96, 96, 96),
     spacing: Sequence[float] = (1.5, 1.5, 1.5),
+    soft_tissue_contrast: float = 1.0,
 ) -> Path:
     """The embedded default data: ``num`` synthetic phantom CT scans in ``root``, generated on first use.
+
+    ``seed``, ``shape``, ``spacing`` and ``soft_tissue_contrast`` are the phantom generator's
+    (medssl.data.phantoms.write_phantom_dataset).
 
     Idempotent: a phantom dataset already in ``root`` with the same settings is reused; one with
     other settings is regenerated (with a warning). Safe when several processes call it at once
@@ -201,6 +207,7 @@ def default_dataset(
         "seed": int(seed),
         "shape": [int(s) for s in shape],
         "spacing": [float(s) for s in spacing],
+        "soft_tissue_contrast": float(soft_tissue_contrast),
     }
     folder = Path(root).expanduser().resolve()
     json_path = folder / "dataset.json"
@@ -222,7 +229,8 @@ def default_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".phantoms-", dir=folder))
         try:
-            written = write_phantom_dataset(staging, num=num, seed=seed, shape=shape, spacing=spacing)
+            written = write_phantom_dataset(staging, num=num, seed=seed, shape=shape, spacing=spacing,
+                                            soft_tissue_contrast=soft_tissue_contrast)
             for sub in ("imagesTr", "labelsTr"):
                 (folder / sub).mkdir(exist_ok=True)
                 for scan in sorted((staging / sub).iterdir()):

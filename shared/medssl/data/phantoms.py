@@ -11,6 +11,9 @@ liver with its own vessel tree, spleen, kidneys (cortex, medulla, sinus fat), ao
 Sizes, positions, rotations, shapes and textures are drawn from a seeded generator, so the same
 seed gives the same bytes on disk and different seeds give different anatomy. The image is
 blurred by a small point-spread function and carries white plus spatially correlated noise.
+``soft_tissue_contrast`` below 1 pulls the soft tissues' mean CT numbers towards muscle's (0: all
+equal), leaving the anatomy as it is: organs then differ from each other by shape, position and
+texture rather than by intensity.
 
 CLI: ``python -m medssl.data.phantoms --out DIR --num 8 --seed 0 --size 128`` (also installed as
 ``medssl-phantoms``) writes an MSD-style ``dataset.json`` with ``imagesTr/`` and ``labelsTr/``.
@@ -29,7 +32,10 @@ import nibabel as nib
 import numpy as np
 import scipy.fft
 
-__all__ = ["LABELS", "LABEL_IDS", "HU", "GENERATOR", "generate_phantom", "write_phantom_dataset", "main"]
+__all__ = [
+    "LABELS", "LABEL_IDS", "HU", "SOFT_TISSUES", "GENERATOR", "tissue_numbers", "generate_phantom",
+    "write_phantom_dataset", "main",
+]
 
 GENERATOR = "medssl.data.phantoms"  # recorded in dataset.json, so a phantom dataset can be recognised
 
@@ -69,6 +75,13 @@ HU: dict[str, float] = {
     "cortical_bone": 900.0,
     "rib_marrow": 420.0,
 }
+
+# The tissues that ``soft_tissue_contrast`` pulls towards SOFT_TISSUE_REFERENCE: the organs of
+# LABELS but lung and bone, and the soft tissue around them; fat, air, lung, bone, calcification
+# and the spine's discs and canal keep their numbers.
+SOFT_TISSUES = ("bowel", "muscle", "heart", "liver", "liver_vessel", "spleen", "kidney_cortex", "kidney_medulla",
+                "aorta", "lung_vessel")
+SOFT_TISSUE_REFERENCE = "muscle"
 
 DATASET_NAME = "medssl_phantom_ct"
 _PSF_SIGMA_MM = 0.9  # in-plane resolution blur of a soft-kernel CT reconstruction
@@ -333,10 +346,11 @@ class _Canvas:
     fine: np.ndarray  # voxel-scale unit field: parenchyma and trabecular texture
     hu: np.ndarray  # (X, Y, Z) float32 CT numbers being drawn
     label: np.ndarray  # (X, Y, Z) uint8 organ ids being drawn
+    tissue_hu: dict[str, float]  # mean CT number of each tissue (tissue_numbers)
 
     def paint(self, mask: np.ndarray, tissue: str, texture: float) -> None:
         """Set ``mask`` to a tissue's mean HU plus ``texture`` HU of the fine field."""
-        self.hu[mask] = HU[tissue] + texture * self.fine[mask]
+        self.hu[mask] = self.tissue_hu[tissue] + texture * self.fine[mask]
 
     def blend(self, coverage: np.ndarray, values: np.ndarray | float) -> None:
         """Partial-volume mix: a voxel covered by fraction c becomes (1 - c) * itself + c * value."""
@@ -455,7 +469,7 @@ def _draw_lungs(canvas: _Canvas, trunk: _Trunk, spine: _Spine, heart: np.ndarray
     )
     wall_margin = trunk.rho <= trunk.fat_inner - body.muscle - 0.03
     lungs = trunk.thorax & ~heart & (np.abs(grid.x - np.float32(spine.x)) > half_width) & wall_margin
-    canvas.hu[lungs] = HU["lung"] + 25.0 * canvas.fine[lungs] + 20.0 * canvas.deform[lungs]
+    canvas.hu[lungs] = canvas.tissue_hu["lung"] + 25.0 * canvas.fine[lungs] + 20.0 * canvas.deform[lungs]
 
     trees = []
     hilum_z = 0.5 * (max(trunk.dome_right, trunk.dome_left) + hz)
@@ -484,7 +498,7 @@ def _draw_lungs(canvas: _Canvas, trunk: _Trunk, spine: _Spine, heart: np.ndarray
         )
     points = np.concatenate([t[0] for t in trees])
     radii = np.concatenate([t[1] for t in trees])
-    canvas.blend(_tube_coverage(grid, points, radii) * lungs, HU["lung_vessel"] + 8.0 * canvas.fine)
+    canvas.blend(_tube_coverage(grid, points, radii) * lungs, canvas.tissue_hu["lung_vessel"] + 8.0 * canvas.fine)
     canvas.label[lungs] = LABEL_IDS["lung"]
 
 
@@ -516,7 +530,7 @@ def _draw_abdominal_organs(canvas: _Canvas, trunk: _Trunk, spine: _Spine) -> Non
     left_lobe = np.array([cx, cy + 0.3 * b, top - 0.22 * hz]) + rng.normal(0, 0.03, 3) * scale
     radii = np.array([0.3, 0.25, 0.17]) * scale * rng.uniform(0.8, 1.2, 3)
     liver |= _draw_organ(canvas, "liver", left_lobe, radii, _rotation(rng, (8, 8, 20)), below_diaphragm)
-    canvas.hu[liver] = HU["liver"] + 7.0 * canvas.fine[liver] + 3.0 * canvas.deform[liver]
+    canvas.hu[liver] = canvas.tissue_hu["liver"] + 7.0 * canvas.fine[liver] + 3.0 * canvas.deform[liver]
     porta = right_lobe + np.array([-0.25 * a, 0.0, 0.05 * hz])
     points, vessel_radii = _branching_tree(
         rng,
@@ -528,7 +542,7 @@ def _draw_abdominal_organs(canvas: _Canvas, trunk: _Trunk, spine: _Spine) -> Non
         0.5 * float(grid.spacing.min()),
         radius_decay=0.78,
     )
-    canvas.blend(_tube_coverage(grid, points, vessel_radii) * liver, HU["liver_vessel"])
+    canvas.blend(_tube_coverage(grid, points, vessel_radii) * liver, canvas.tissue_hu["liver_vessel"])
 
     # spleen: a flattened ellipsoid under the left dome, posterior, its long axis along the ribs
     center = np.array([cx - 0.55 * a, cy - 0.3 * b, trunk.dome_left - 0.25 * hz]) + rng.normal(0, 0.03, 3) * scale
@@ -580,7 +594,7 @@ def _draw_aorta(canvas: _Canvas, trunk: _Trunk, spine: _Spine) -> None:
             axis=1,
         )
         plaque_radius = 0.02 * body.a + 0.5 * float(grid.spacing.min())
-        canvas.blend(_tube_coverage(grid, spots, np.full(count, plaque_radius)), HU["calcification"])
+        canvas.blend(_tube_coverage(grid, spots, np.full(count, plaque_radius)), canvas.tissue_hu["calcification"])
 
 
 def _draw_spine(canvas: _Canvas, trunk: _Trunk, spine: _Spine) -> np.ndarray:
@@ -657,7 +671,8 @@ def _draw_ribs(canvas: _Canvas, trunk: _Trunk, spine: _Spine) -> np.ndarray:
     points = np.concatenate(centre_lines)
     outer = _tube_coverage(grid, points, np.full(len(points), radius))
     marrow = _tube_coverage(grid, points, np.full(len(points), radius - min(1.2 * vox_mm, 0.7 * radius)))
-    rib_hu = (HU["rib_marrow"] * marrow + HU["cortical_bone"] * (outer - marrow)) / np.maximum(outer, 1e-6)
+    marrow_hu, cortex_hu = canvas.tissue_hu["rib_marrow"], canvas.tissue_hu["cortical_bone"]
+    rib_hu = (marrow_hu * marrow + cortex_hu * (outer - marrow)) / np.maximum(outer, 1e-6)
     canvas.blend(outer, rib_hu)
     return (outer >= 0.5) & trunk.inside_body
 
@@ -672,10 +687,22 @@ def _acquire(canvas: _Canvas) -> np.ndarray:
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
 
 
+def tissue_numbers(soft_tissue_contrast: float = 1.0) -> dict[str, float]:
+    """Mean CT number of each tissue: :data:`HU`, with the :data:`SOFT_TISSUES` moved to
+    ``reference + soft_tissue_contrast * (HU - reference)``, the reference being muscle's."""
+    if soft_tissue_contrast < 0:
+        raise ValueError(f"soft_tissue_contrast must be >= 0 (1: unenhanced CT, 0: all soft tissue alike), "
+                         f"got {soft_tissue_contrast}")
+    reference = HU[SOFT_TISSUE_REFERENCE]
+    return {tissue: reference + soft_tissue_contrast * (hu - reference) if tissue in SOFT_TISSUES else hu
+            for tissue, hu in HU.items()}
+
+
 def generate_phantom(
     shape: Sequence[int] = (128, 128, 128),
     spacing: Sequence[float] = (1.5, 1.5, 1.5),
     seed: int | Sequence[int] = 0,
+    soft_tissue_contrast: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate one synthetic CT volume with its organ labels.
 
@@ -683,6 +710,8 @@ def generate_phantom(
         shape: voxels along (x: right, y: anterior, z: superior).
         spacing: voxel size in mm along the same axes.
         seed: seed (or seed sequence) of the numpy generator; equal seeds give equal volumes.
+        soft_tissue_contrast: scale of the soft tissues' differences from muscle's CT number
+            (:func:`tissue_numbers`); the same seed gives the same anatomy and labels at any value.
 
     Returns:
         image: (X, Y, Z) int16 CT numbers in HU, air at about -1000.
@@ -693,6 +722,7 @@ def generate_phantom(
         raise ValueError(f"phantom shape must be 3 sizes of at least 8 voxels, got {tuple(shape)}")
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"phantom spacing must be 3 positive sizes in mm, got {tuple(spacing)}")
+    tissue_hu = tissue_numbers(soft_tissue_contrast)
     rng = np.random.default_rng(seed)
     grid = _Grid.create(shape, spacing)
     body = _Body.draw(rng, grid)
@@ -704,8 +734,9 @@ def generate_phantom(
         body=body,
         deform=deform,
         fine=_smooth_noise(rng, grid.shape, 0.8),
-        hu=np.full(grid.shape, HU["air"], dtype=np.float32),
+        hu=np.full(grid.shape, tissue_hu["air"], dtype=np.float32),
         label=np.zeros(grid.shape, dtype=np.uint8),
+        tissue_hu=tissue_hu,
     )
     trunk = _draw_trunk(canvas)
     heart = _draw_heart(canvas, trunk)
@@ -740,11 +771,13 @@ def write_phantom_dataset(
     shape: Sequence[int] = (128, 128, 128),
     spacing: Sequence[float] = (1.5, 1.5, 1.5),
     num_test: int = 0,
+    soft_tissue_contrast: float = 1.0,
 ) -> Path:
     """Write ``num`` training and ``num_test`` test phantoms in the Medical Segmentation Decathlon layout.
 
     Case ``i`` uses the seed sequence ``(seed, i)``, so cases differ from each other and a dataset
-    of more cases starts with the same cases as a smaller one.
+    of more cases starts with the same cases as a smaller one. ``soft_tissue_contrast`` is
+    :func:`generate_phantom`'s, recorded in the dataset.json's "generator" entry with the seed.
 
     Returns:
         the path of the written ``dataset.json`` (training images in ``imagesTr/``, labels in
@@ -757,7 +790,7 @@ def write_phantom_dataset(
         (out / sub).mkdir(parents=True, exist_ok=True)
     training, test = [], []
     for index in range(num + num_test):
-        image, label, affine = generate_phantom(shape, spacing, seed=(seed, index))
+        image, label, affine = generate_phantom(shape, spacing, (seed, index), soft_tissue_contrast)
         name = f"phantom_{index:03d}.nii.gz"
         if index < num:
             _save_nifti(image, affine, out / "imagesTr" / name)
@@ -783,6 +816,7 @@ def write_phantom_dataset(
             "seed": int(seed),
             "shape": [int(s) for s in shape],
             "spacing": [float(s) for s in spacing],
+            "soft_tissue_contrast": float(soft_tissue_contrast),
         },
     }
     json_path = out / "dataset.json"
@@ -803,13 +837,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument(
         "--spacing", type=float, nargs="+", default=[1.5], help="mm per voxel: one or three (default 1.5)"
     )
+    parser.add_argument(
+        "--soft-tissue-contrast", type=float, default=1.0,
+        help="scale of the soft tissues' CT-number differences from muscle (default 1: unenhanced CT; 0: all alike)",
+    )
     args = parser.parse_args(argv)
     shape = args.size * 3 if len(args.size) == 1 else args.size
     spacing = args.spacing * 3 if len(args.spacing) == 1 else args.spacing
     if len(shape) != 3 or len(spacing) != 3:
         parser.error("--size and --spacing take one value or three")
     start = time.perf_counter()
-    json_path = write_phantom_dataset(args.out, args.num, args.seed, shape, spacing, args.num_test)
+    json_path = write_phantom_dataset(args.out, args.num, args.seed, shape, spacing, args.num_test,
+                                      args.soft_tissue_contrast)
     elapsed = time.perf_counter() - start
     print(f"wrote {args.num + args.num_test} phantoms of {shape} voxels in {elapsed:.1f} s: {json_path}")
     return json_path
