@@ -10,6 +10,11 @@ over organs, as the study does. The result is a floor that needs no learning of 
 position: what a fine-tuned network adds to it is what it learnt from context.
 
     python bench/intensity_baseline.py --data runs/study/small-amp/data
+    python bench/intensity_baseline.py --data runs/diag/contrast0 --soft-tissue-contrast 0
+
+With ``--soft-tissue-contrast`` the script first writes the small study's fine-tuning and test
+pools into ``--data`` (the same phantom seeds and sizes, the soft tissues' CT numbers scaled by
+medssl.data.phantoms) and the study's labelled order for each seed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Sequence
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from study import FINETUNE_PHANTOM_SEED, PRESETS, TEST_PHANTOM_SEED, Preset, labelled_order  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEG_FINETUNE_CONFIG = ROOT / "bundles/seg_finetune/configs/train.json"
@@ -62,6 +69,19 @@ def organ_dice(prediction: np.ndarray, label: np.ndarray, organs: dict[int, str]
     return dice
 
 
+def write_study_pools(data: Path, preset: Preset, seeds: Sequence[int], soft_tissue_contrast: float) -> None:
+    """``preset``'s fine-tuning and test pools in ``data``, at ``soft_tissue_contrast``, with each seed's labelled order."""
+    from medssl.data import default_dataset
+
+    for name, pool, seed in (("finetune", preset.finetune_pool, FINETUNE_PHANTOM_SEED),
+                             ("test", preset.test_pool, TEST_PHANTOM_SEED)):
+        path = default_dataset(data / name, num=pool.num, seed=seed, shape=pool.shape,
+                               soft_tissue_contrast=soft_tissue_contrast)
+        if name == "finetune":
+            for labelled_seed in seeds:
+                labelled_order(path, preset.finetune_num_val, labelled_seed)
+
+
 def evaluate(data: Path, seeds: Sequence[int], boxes: Sequence[int], intensity_range: Sequence[float]) -> list[dict]:
     """One result per (box, seed): the labelled scan, mean Dice and Dice per organ, in points."""
     test_list = json.loads((data / "test/dataset.json").read_text())
@@ -90,7 +110,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         "and test/dataset.json, written by bench/study.py")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--boxes", type=int, nargs="+", default=[1, 3, 5], help="averaging box edges, in voxels")
+    parser.add_argument("--soft-tissue-contrast", type=float,
+                        help="first write the small study's pools into --data with this phantom soft-tissue contrast")
     args = parser.parse_args(argv)
+    if args.soft_tissue_contrast is not None:
+        write_study_pools(args.data, PRESETS["small"], args.seeds, args.soft_tissue_contrast)
     for path in (args.data / "test/dataset.json", *(args.data / f"finetune/dataset_seed{s}.json" for s in args.seeds)):
         if not path.is_file():
             parser.error(f"{path} is missing: run bench/study.py (its data folder holds it) or give another --data")

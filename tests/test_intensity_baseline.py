@@ -6,6 +6,7 @@ import numpy as np
 
 from bench_script import load_bench_script
 
+study = load_bench_script("study")  # imported by the script as a sibling module
 baseline = load_bench_script("intensity_baseline")
 EDGES = np.arange(-175.0, 255.0, 5.0)
 
@@ -62,3 +63,23 @@ def test_feature_averages_over_its_box():
     averaged = baseline.feature(image, 3)
     assert averaged[1, 1, 1] == 1.0 and averaged[0, 0, 0] == 0.0
     assert baseline.feature(image, 1) is image
+
+
+def test_study_pools_at_another_contrast_keep_the_study_anatomy(tmp_path):
+    preset = study.PRESETS["smoke"]
+    baseline.write_study_pools(tmp_path, preset, seeds=[0, 1], soft_tissue_contrast=0.0)
+    for seed in (0, 1):
+        order = json.loads((tmp_path / f"finetune/dataset_seed{seed}.json").read_text())["training"]
+        assert len(order) == preset.finetune_pool.num
+    test_list = json.loads((tmp_path / "test/dataset.json").read_text())
+    assert test_list["generator"]["seed"] == study.TEST_PHANTOM_SEED
+    assert test_list["generator"]["soft_tissue_contrast"] == 0.0 and len(test_list["training"]) == preset.test_pool.num
+    # The same seeds at full contrast: the same labels, other CT numbers in the soft tissues.
+    full = tmp_path / "full"
+    baseline.write_study_pools(full, preset, seeds=[0], soft_tissue_contrast=1.0)
+    case = test_list["training"][0]
+    flat_label = np.asarray(nib.load(tmp_path / "test" / case["label"]).dataobj)
+    np.testing.assert_array_equal(np.asarray(nib.load(full / "test" / case["label"]).dataobj), flat_label)
+    flat_image = np.asarray(nib.load(tmp_path / "test" / case["image"]).dataobj)
+    full_image = np.asarray(nib.load(full / "test" / case["image"]).dataobj)
+    assert not np.array_equal(flat_image, full_image)
