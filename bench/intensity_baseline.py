@@ -28,7 +28,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from study import FINETUNE_PHANTOM_SEED, PRESETS, TEST_PHANTOM_SEED, Preset, labelled_order  # bench/ is on sys.path
+from study import PRESETS, Preset, labelled_order, phantom_pools  # bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEG_FINETUNE_CONFIG = ROOT / "bundles/seg_finetune/configs/train.json"
@@ -71,15 +71,9 @@ def organ_dice(prediction: np.ndarray, label: np.ndarray, organs: dict[int, str]
 
 def write_study_pools(data: Path, preset: Preset, seeds: Sequence[int], soft_tissue_contrast: float) -> None:
     """``preset``'s fine-tuning and test pools in ``data``, at ``soft_tissue_contrast``, with each seed's labelled order."""
-    from medssl.data import default_dataset
-
-    for name, pool, seed in (("finetune", preset.finetune_pool, FINETUNE_PHANTOM_SEED),
-                             ("test", preset.test_pool, TEST_PHANTOM_SEED)):
-        path = default_dataset(data / name, num=pool.num, seed=seed, shape=pool.shape,
-                               soft_tissue_contrast=soft_tissue_contrast)
-        if name == "finetune":
-            for labelled_seed in seeds:
-                labelled_order(path, preset.finetune_num_val, labelled_seed)
+    pools = phantom_pools(preset, data, ("finetune", "test"), soft_tissue_contrast)
+    for seed in seeds:
+        labelled_order(pools["finetune"], preset.finetune_num_val, seed)
 
 
 def evaluate(data: Path, seeds: Sequence[int], boxes: Sequence[int], intensity_range: Sequence[float]) -> list[dict]:
@@ -87,13 +81,15 @@ def evaluate(data: Path, seeds: Sequence[int], boxes: Sequence[int], intensity_r
     test_list = json.loads((data / "test/dataset.json").read_text())
     organs = {int(index): name for index, name in test_list["labels"].items() if int(index) > 0}
     tests = [load_case(data / "test", case, intensity_range) for case in test_list["training"]]
+    labelled_cases = {seed: json.loads((data / f"finetune/dataset_seed{seed}.json").read_text())["training"][0]
+                      for seed in seeds}
+    labelled = {case["image"]: load_case(data / "finetune", case, intensity_range) for case in labelled_cases.values()}
     edges = np.arange(intensity_range[0], intensity_range[1] + BIN_HU, BIN_HU)
     results = []
     for box in boxes:
         test_features = [(feature(image, box), label) for image, label in tests]
-        for seed in seeds:
-            case = json.loads((data / f"finetune/dataset_seed{seed}.json").read_text())["training"][0]
-            image, label = load_case(data / "finetune", case, intensity_range)
+        for seed, case in labelled_cases.items():
+            image, label = labelled[case["image"]]
             lookup = fit_lookup(feature(image, box), label, edges, len(organs) + 1)
             per_scan = [organ_dice(lookup[bin_index(test_image, edges)], test_label, organs)
                         for test_image, test_label in test_features]

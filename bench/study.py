@@ -464,8 +464,12 @@ def run_steps(chains: Sequence[Sequence[Step]], root: Path, jobs: int, ledger: L
 # ----------------------------------------------------------------------------- data
 
 
-def phantom_pools(preset: Preset, data_dir: Path) -> dict[str, Path]:
-    """Generate (or reuse) the three phantom pools; returns their dataset.json paths."""
+def phantom_pools(preset: Preset, data_dir: Path, names: Sequence[str] = ("pretrain", "finetune", "test"),
+                  soft_tissue_contrast: float = 1.0) -> dict[str, Path]:
+    """Generate (or reuse) the phantom pools ``names``; returns their dataset.json paths.
+
+    ``soft_tissue_contrast`` is the phantom generator's (the study's pools use the default, 1).
+    """
     from medssl.data import default_dataset
 
     pools = {
@@ -474,8 +478,10 @@ def phantom_pools(preset: Preset, data_dir: Path) -> dict[str, Path]:
         "test": (preset.test_pool, TEST_PHANTOM_SEED),
     }
     paths = {}
-    for name, (pool, seed) in pools.items():
-        paths[name] = default_dataset(data_dir / name, num=pool.num, seed=seed, shape=pool.shape)
+    for name in names:
+        pool, seed = pools[name]
+        paths[name] = default_dataset(data_dir / name, num=pool.num, seed=seed, shape=pool.shape,
+                                      soft_tissue_contrast=soft_tissue_contrast)
         print(f"{name} phantoms: {pool.num} scans of {pool.shape} voxels, phantom seed {seed}: {paths[name]}",
               flush=True)
     return paths
