@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -71,7 +72,7 @@ def organ_dice(prediction: np.ndarray, label: np.ndarray, organs: dict[int, str]
 
 def write_study_pools(data: Path, preset: Preset, seeds: Sequence[int], soft_tissue_contrast: float) -> None:
     """``preset``'s fine-tuning and test pools in ``data``, at ``soft_tissue_contrast``, with each seed's labelled order."""
-    pools = phantom_pools(preset, data, ("finetune", "test"), soft_tissue_contrast)
+    pools = phantom_pools(replace(preset, soft_tissue_contrast=soft_tissue_contrast), data, ("finetune", "test"))
     for seed in seeds:
         labelled_order(pools["finetune"], preset.finetune_num_val, seed)
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,16 @@ def test_labelled_order_shuffles_training_cases_and_keeps_validation_last(tmp_pa
         assert sorted(c["image"] for c in order[:-2]) == [c["image"] for c in cases[:-2]]
     assert len({tuple(c["image"] for c in order) for order in orders.values()}) > 1
     assert json.loads(study.labelled_order(pool, 2, 3).read_text())["training"] == orders[3]
+
+
+def test_every_pool_is_generated_at_the_presets_soft_tissue_contrast(tmp_path):
+    isodense = replace(study.PRESETS["smoke"], soft_tissue_contrast=0.0)
+    paths = study.phantom_pools(isodense, tmp_path / "isodense", ("finetune", "test"))
+    assert [json.loads(path.read_text())["generator"]["soft_tissue_contrast"] for path in paths.values()] == [0.0, 0.0]
+    # another contrast is other data: a study's settings, which guard its runs folder and record, differ
+    networks = {"hiend_mae": {"network_kind": "vit"}}
+    assert study.study_settings("smoke", isodense, networks) != study.study_settings("smoke", study.PRESETS["smoke"],
+                                                                                     networks)
 
 
 def test_preset_refuses_budgets_that_differ_between_k():
