@@ -43,6 +43,8 @@ the raw image learns organs whatever the encoder holds, the linear head reads on
     python bench/study.py --size small --decoder linear --out docs/results_linear.md
     python bench/study.py --size small-long --out docs/results_long.md   # 3x the fine-tuning steps, k = 1
     python bench/study.py --size small-isodense --amp --out docs/results_isodense.md  # isodense soft tissue, k = 1
+    python bench/study.py --size small-isodense-long --amp --out docs/results_isodense_long.md  # and 360 steps
+    python bench/study.py --size small-long-pretrain64 --amp --out docs/results_pretrain64.md  # 64 unlabelled scans
     python bench/study.py --size paper --out docs/results_paper.md      # GPU sizes
 """
 
@@ -243,6 +245,20 @@ PRESETS["small-isodense"] = replace(
     note="small-isodense preset: the small preset at k = 1 on phantoms whose soft tissues are isodense "
     "(soft_tissue_contrast 0: liver, spleen, kidneys, aorta, heart and bowel at muscle's 45 HU; same anatomy).",
     label_counts=(1,),
+    soft_tissue_contrast=0.0,
+)
+# Self-supervised pretraining is meant for many unlabelled scans; the small presets pretrain on 8.
+PRESETS["small-long-pretrain64"] = replace(
+    PRESETS["small-long"],
+    note="small-long-pretrain64 preset: the small-long preset (360 fine-tuning steps, k = 1) with 64 unlabelled "
+    "phantoms of 96³ for pretraining (62 trained on, 2 validated on) instead of 10; each bundle keeps its epochs, "
+    "so it pretrains for about 8 times the steps.",
+    pretrain_pool=PhantomPool(64, (96, 96, 96)),
+)
+PRESETS["small-isodense-long"] = replace(
+    PRESETS["small-long"],
+    note="small-isodense-long preset: the small-long preset (360 fine-tuning steps, k = 1) on the small-isodense "
+    "preset's phantoms.",
     soft_tissue_contrast=0.0,
 )
 
@@ -868,6 +884,8 @@ def setup_markdown(preset: Preset, record: StudyRecord, results: Sequence[RunRes
         f"- Held-out data: {preset.test_pool.num} phantoms of {_volume(preset.test_pool.shape)} (phantom seed "
         f"{TEST_PHANTOM_SEED}), used only by "
         "seg_finetune's evaluate.json after training.",
+        f"- Every pool at the phantom generator's soft-tissue contrast {preset.soft_tissue_contrast:g} "
+        "(1: unenhanced CT numbers; 0: the soft tissues all at muscle's).",
         f"- Fine-tuning: bundles/seg_finetune `{config_list(preset.finetune_configs)}`, {preset.steps} optimiser steps "
         f"of one labelled scan × {preset.crops_per_step} crops for every k (epochs = {preset.steps} / k), warm-up "
         f"{preset.warmup_steps} steps, {validation}; label counts k = "

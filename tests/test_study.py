@@ -230,6 +230,7 @@ def test_record_keeps_each_pretraining_and_says_which_results_came_from_which(tm
     selection = study.Selection(("frepa_cnn",), (1,), (), (0, 1, 2))
     text = "\n".join(study.setup_markdown(study.PRESETS["smoke"], record, results, {"frepa_cnn": network}, selection))
     assert text.count("`(cd bundles/frepa && python -m monai.bundle run --encoder_kind cnn)` (3.3 min") == 2
+    assert "- Every pool at the phantom generator's soft-tissue contrast 1 (1: unenhanced" in text
     counts = ", ".join(f"{count} from {digest[:12]}" for digest, count in sorted({first: 2, second: 1}.items()))
     assert (f"  - frepa_cnn's results came from 2 pretraining runs of this command on different machines ({counts}); "
             "its sd includes the variation between them.") in text
