@@ -239,7 +239,8 @@ PRESETS["small-long"] = replace(
 )
 # At k = 1 and 120 steps every start learnt no more than an intensity lookup gives, plus the lung
 # (docs/study_findings.md, E17): the small preset's grid at k = 1 on phantoms whose soft tissues
-# all have muscle's CT number, where liver, spleen, kidneys and aorta are told by shape and position.
+# all have muscle's CT number, where liver, spleen, kidneys and aorta are told by shape and position
+# (its results, and small-isodense-long's: E18 there).
 PRESETS["small-isodense"] = replace(
     PRESETS["small"],
     note="small-isodense preset: the small preset at k = 1 on phantoms whose soft tissues are isodense "
@@ -247,19 +248,20 @@ PRESETS["small-isodense"] = replace(
     label_counts=(1,),
     soft_tissue_contrast=0.0,
 )
-# Self-supervised pretraining is meant for many unlabelled scans; the small presets pretrain on 8.
+PRESETS["small-isodense-long"] = replace(
+    PRESETS["small-long"],
+    note="small-isodense-long preset: the small-long preset (360 fine-tuning steps, k = 1) on the small-isodense "
+    "preset's phantoms.",
+    soft_tissue_contrast=0.0,
+)
+# Self-supervised pretraining is meant for many unlabelled scans; the small presets pretrain on 8
+# (results: E19 there).
 PRESETS["small-long-pretrain64"] = replace(
     PRESETS["small-long"],
     note="small-long-pretrain64 preset: the small-long preset (360 fine-tuning steps, k = 1) with 64 unlabelled "
     "phantoms of 96³ for pretraining (62 trained on, 2 validated on) instead of 10; each bundle keeps its epochs, "
     "so it pretrains for about 8 times the steps.",
     pretrain_pool=PhantomPool(64, (96, 96, 96)),
-)
-PRESETS["small-isodense-long"] = replace(
-    PRESETS["small-long"],
-    note="small-isodense-long preset: the small-long preset (360 fine-tuning steps, k = 1) on the small-isodense "
-    "preset's phantoms.",
-    soft_tissue_contrast=0.0,
 )
 
 
