@@ -70,9 +70,10 @@ def organ_dice(prediction: np.ndarray, label: np.ndarray, organs: dict[int, str]
     return dice
 
 
-def write_study_pools(data: Path, preset: Preset, seeds: Sequence[int], soft_tissue_contrast: float) -> None:
-    """``preset``'s fine-tuning and test pools in ``data``, at ``soft_tissue_contrast``, with each seed's labelled order."""
-    pools = phantom_pools(replace(preset, soft_tissue_contrast=soft_tissue_contrast), data, ("finetune", "test"))
+def write_study_pools(data: Path, preset: Preset, seeds: Sequence[int]) -> None:
+    """``preset``'s fine-tuning and test pools in ``data``, at its soft-tissue contrast, with each seed's
+    labelled order."""
+    pools = phantom_pools(preset, data, ("finetune", "test"))
     for seed in seeds:
         labelled_order(pools["finetune"], preset.finetune_num_val, seed)
 
@@ -111,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="first write the small study's pools into --data with this phantom soft-tissue contrast")
     args = parser.parse_args(argv)
     if args.soft_tissue_contrast is not None:
-        write_study_pools(args.data, PRESETS["small"], args.seeds, args.soft_tissue_contrast)
+        preset = replace(PRESETS["small"], soft_tissue_contrast=args.soft_tissue_contrast)
+        write_study_pools(args.data, preset, args.seeds)
     for path in (args.data / "test/dataset.json", *(args.data / f"finetune/dataset_seed{s}.json" for s in args.seeds)):
         if not path.is_file():
             parser.error(f"{path} is missing: run bench/study.py (its data folder holds it) or give another --data")

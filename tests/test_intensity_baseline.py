@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -67,7 +68,7 @@ def test_feature_averages_over_its_box():
 
 def test_study_pools_at_another_contrast_keep_the_study_anatomy(tmp_path):
     preset = study.PRESETS["smoke"]
-    baseline.write_study_pools(tmp_path, preset, seeds=[0, 1], soft_tissue_contrast=0.0)
+    baseline.write_study_pools(tmp_path, replace(preset, soft_tissue_contrast=0.0), seeds=[0, 1])
     for seed in (0, 1):
         order = json.loads((tmp_path / f"finetune/dataset_seed{seed}.json").read_text())["training"]
         assert len(order) == preset.finetune_pool.num
@@ -76,7 +77,7 @@ def test_study_pools_at_another_contrast_keep_the_study_anatomy(tmp_path):
     assert test_list["generator"]["soft_tissue_contrast"] == 0.0 and len(test_list["training"]) == preset.test_pool.num
     # The same seeds at full contrast: the same labels, other CT numbers in the soft tissues.
     full = tmp_path / "full"
-    baseline.write_study_pools(full, preset, seeds=[0], soft_tissue_contrast=1.0)
+    baseline.write_study_pools(full, preset, seeds=[0])
     case = test_list["training"][0]
     flat_label = np.asarray(nib.load(tmp_path / "test" / case["label"]).dataobj)
     np.testing.assert_array_equal(np.asarray(nib.load(full / "test" / case["label"]).dataobj), flat_label)
