@@ -64,7 +64,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -476,19 +475,55 @@ class Ledger:
             print(f"[{len(self.ran) + len(self.reused)}/{self.total}] {step.label}: {state}", flush=True)
 
 
-def run_steps(chains: Sequence[Sequence[Step]], root: Path, jobs: int, ledger: Ledger) -> None:
-    """Run the chains ``jobs`` at a time (the steps of one chain in order); stop at the first failure."""
-    def run_chain(chain: Sequence[Step]) -> None:
-        for step in chain:
-            ledger.record(step, *run_step(step, root))
+@dataclass(frozen=True)
+class Chain:
+    """Steps run in order, not before the step ``after`` (a pretraining) has finished."""
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(run_chain, chain) for chain in chains]
-        finished, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [future for future in finished if future.exception() is not None]
-        if failed:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise failed[0].exception()
+    steps: tuple[Step, ...]
+    after: Step | None = None
+
+
+def run_chains(chains: Sequence[Chain], root: Path, jobs: int, ledger: Ledger) -> None:
+    """Run the chains ``jobs`` at a time; stop at the first failure.
+
+    Each free worker takes the first chain in ``chains`` that waits for nothing unfinished, so the
+    fine-tuning runs that need no pretraining fill the cores while the pretrainings run, and a
+    method's runs start as soon as its own pretraining is done.
+    """
+    pending, finished, failures = list(chains), set(), []
+    changed = threading.Condition()
+
+    def next_chain() -> Chain | None:
+        with changed:
+            while pending and not failures:
+                ready = next((c for c in pending if c.after is None or c.after.done in finished), None)
+                if ready is not None:
+                    pending.remove(ready)
+                    return ready
+                changed.wait()
+            return None
+
+    def work() -> None:
+        while (chain := next_chain()) is not None:
+            try:
+                for step in chain.steps:
+                    ledger.record(step, *run_step(step, root))
+            except BaseException as error:  # SystemExit too: a done step of other settings
+                with changed:
+                    failures.append(error)
+                    changed.notify_all()
+                return
+            with changed:
+                finished.add(chain.steps[-1].done)
+                changed.notify_all()
+
+    workers = [threading.Thread(target=work, name=f"study-{i}") for i in range(jobs)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if failures:
+        raise failures[0]
 
 
 # ----------------------------------------------------------------------------- data
@@ -985,8 +1020,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="Markdown file of the results (e.g. docs/results.md)")
     parser.add_argument("--runs", help="folder of the runs (default runs/study/<size> in the repository)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="bundle runs at a time (default 1); with more than one and OMP_NUM_THREADS unset, "
-                             "each gets cpu_count / jobs threads")
+                        help="bundle runs at a time (default 1; runs that need no pretraining start beside the "
+                             "pretrainings); with more than one and OMP_NUM_THREADS unset, each gets cpu_count / jobs "
+                             "threads")
     parser.add_argument("--methods", nargs="+", choices=[run.name for run in PRETRAININGS],
                         help="run only these pretraining methods (default all); the rest of the tables reads n/a")
     parser.add_argument("--label-counts", nargs="+", type=int,
@@ -1061,13 +1097,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if start.mode == "random_probe":
             write_random_encoder(start.network, random_encoder_path(runs, start, seed), seed)
     ledger = Ledger(total=len(pretrain_steps) + 2 * len(from_folder))
-    run_steps([[step] for step in pretrain_steps], root, args.jobs, ledger)
+    pretraining_of = {step.done.parent.name: step for step in pretrain_steps}
+    run_chains([*(Chain((step,)) for step in pretrain_steps),
+                *(Chain(tuple(chain), pretraining_of.get(start.pretraining)) for (start, _, _), chain in from_folder)],
+               root, args.jobs, ledger)
     machine = machine_description()
-    digests = {}
-    for step in pretrain_steps:
-        method = step.done.parent.name
-        digests[method] = record.add_pretraining(method, weights[method], json.loads(step.done.read_text()), machine)
-    run_steps([chain for _, chain in from_folder], root, args.jobs, ledger)
+    digests = {method: record.add_pretraining(method, weights[method], json.loads(step.done.read_text()), machine)
+               for method, step in pretraining_of.items()}
 
     for (start, k, seed), chain in from_folder:
         result = read_result(runs / "finetune" / start.folder / f"k{k}_seed{seed}", start, k, seed)

@@ -2,6 +2,8 @@
 
 import json
 import math
+import threading
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -376,3 +378,47 @@ def test_a_done_step_of_other_settings_is_refused_and_a_moved_one_reused(tmp_pat
     assert study.run_step(step(30, "/new/runs/maesil"), ROOT) == (12.5, False)  # the runs folder moved: reused
     with pytest.raises(SystemExit, match=r"other settings \(epochs: 30 -> 300\): delete"):
         study.run_step(step(300, "/old/runs/maesil"), ROOT)
+
+
+def _chain_steps(tmp_path: Path, names: Sequence[str]) -> dict[str, study.Step]:
+    return {name: study.Step(name, "seg_finetune", ("configs/train.json",), {"name": name},
+                             tmp_path / f"{name}.done.json") for name in names}
+
+
+def test_runs_that_need_no_pretraining_fill_the_cores_while_it_runs(tmp_path, monkeypatch):
+    """Two jobs, one pretraining: scratch runs alongside it, the pretrained run only after it."""
+    steps = _chain_steps(tmp_path, ["pretrain", "finetune", "scratch"])
+    scratch_ran, started = threading.Event(), []
+
+    def run_bundle(bundle, configs, *args, log):
+        name = Path(log).stem
+        started.append(name)
+        if name == "pretrain":  # finishes only once the scratch run has run beside it
+            assert scratch_ran.wait(timeout=10), "the scratch run waited for the pretraining"
+        if name == "finetune":
+            assert steps["pretrain"].done.is_file(), "fine-tuned before its pretraining finished"
+        if name == "scratch":
+            scratch_ran.set()
+        return 1.0
+
+    monkeypatch.setattr(study, "run_bundle", run_bundle)
+    ledger = study.Ledger(total=3)
+    study.run_chains([study.Chain((steps["pretrain"],)), study.Chain((steps["finetune"],), steps["pretrain"]),
+                      study.Chain((steps["scratch"],))], ROOT, 2, ledger)
+    assert sorted(started[:2]) == ["pretrain", "scratch"] and started[2] == "finetune"
+    assert len(ledger.ran) == 3
+
+
+def test_a_failed_pretraining_stops_the_study_before_its_runs(tmp_path, monkeypatch):
+    steps = _chain_steps(tmp_path, ["pretrain", "finetune"])
+    started = []
+
+    def run_bundle(bundle, configs, *args, log):
+        started.append(Path(log).stem)
+        raise RuntimeError(f"{bundle} failed")
+
+    monkeypatch.setattr(study, "run_bundle", run_bundle)
+    with pytest.raises(RuntimeError, match="seg_finetune failed"):
+        study.run_chains([study.Chain((steps["pretrain"],)), study.Chain((steps["finetune"],), steps["pretrain"])],
+                         ROOT, 2, study.Ledger(total=2))
+    assert started == ["pretrain"]
