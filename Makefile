@@ -84,7 +84,7 @@ study: venv
 	$(BIN)/python bench/study.py --size small-isodense-long --amp --out docs/results_isodense_long.md --jobs 2 \
 		--probe-label-counts --methods hiend_mae frepa_vit
 	$(BIN)/python bench/study.py --size small-long-pretrain64 --amp --out docs/results_pretrain64.md --jobs 2 \
-		--probe-label-counts --methods frepa_vit
+		--probe-label-counts --methods frepa_vit maesil frepa_cnn
 	$(BIN)/python bench/study.py --size small-long --amp --out docs/results_long_amp.md --jobs 2 \
 		--probe-label-counts --methods hiend_mae
 
