@@ -297,6 +297,44 @@ def maesil_section(path: Path, report: dict) -> list[str]:
     ]
 
 
+PROFILE_TOP_OPS = 5  # operators listed per network and role
+
+
+def profile_section(path: Path, report: dict) -> list[str]:
+    roles = [(name, role, entry[role]) for name, entry in report["networks"].items()
+             for role in ("ours", "reference") if role in entry]
+    categories = list(roles[0][2]["categories"]) if roles else []
+    shares = [
+        [name, entry["network"], number(entry["profiled_step_s"], 3),
+         *(percent(entry["categories"][label]["share"]) for label in categories)]
+        for name, _, entry in roles
+    ]
+    top = [
+        [name, entry["network"], op["op"], op["category"], number(op["ms_per_step"], 1), percent(op["share"]),
+         number(op["calls_per_step"], 0)]
+        for name, _, entry in roles for op in entry["top_ops"][:PROFILE_TOP_OPS]
+    ]
+    shape = next(iter(report["networks"].values()), {}).get("input_shape") or []
+    return [
+        f"### Where a pretraining step's time goes, {report['preset']} preset "
+        f"({report['machine'].get('device', 'cpu')}, torch.profiler)",
+        "",
+        *provenance(path, report),
+        f"The steps of bench_pretrain_step.py (batch {'×'.join(map(str, shape))}), {report['steps']} profiled after "
+        f"{report['warmup']} warm-up; each operator's {report['time']} goes to one category, and a share is of the "
+        "summed self time (the categories' rules are in bench/bench_profile.py). Matrix products, attention and "
+        "convolution are the work MFU counts; the rest holds it down. The profiled step time includes the "
+        "profiler's overhead.",
+        "",
+        *table(["network", "model", "profiled s/step", *categories], shares),
+        "",
+        f"The {PROFILE_TOP_OPS} operators with the most self time per step:",
+        "",
+        *table(["network", "model", "operator", "category", "ms/step", "share", "calls/step"], top),
+        "",
+    ]
+
+
 def kind_of(report: dict) -> str | None:
     if report.get("benchmark") in SECTIONS:
         return report["benchmark"]
@@ -314,6 +352,7 @@ SECTIONS: dict[str, Callable[[Path, dict], list[str]]] = {
     "inference": inference_section,
     "ops": ops_section,
     "maesil": maesil_section,
+    "profile": profile_section,
 }
 
 
