@@ -41,11 +41,12 @@ from bench_pretrain_step import (  # bench/ is on sys.path
 # then substrings, checked in this order (the first match wins).
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm", "addmm_activation"}
 ELEMENTWISE_OPS = {
-    "gelu", "silu", "relu", "sigmoid", "softmax", "log_softmax", "tanh", "add", "sub", "rsub", "mul", "div", "pow",
-    "sqrt", "rsqrt", "exp", "log", "abs", "neg", "where", "sum", "mean", "var", "std", "var_mean", "max", "min",
-    "amax", "amin", "clamp", "clamp_min", "threshold", "dropout", "native_dropout", "bernoulli", "rand", "randn",
-    "uniform", "normal", "erf", "sign", "lt", "gt", "eq", "ne", "le", "ge", "reciprocal", "lerp", "addcmul", "addcdiv",
-    "mse_loss", "square", "logical_not", "bitwise_not", "prod", "cumsum",
+    "gelu", "silu", "relu", "sigmoid", "softmax", "log_softmax", "softmax_backward_data", "log_softmax_backward_data",
+    "tanh", "add", "sub", "rsub", "mul", "div", "pow", "sqrt", "rsqrt", "exp", "log", "abs", "neg", "where", "sum",
+    "mean", "var", "std", "var_mean", "max", "min", "amax", "amin", "aminmax", "clamp", "clamp_min", "threshold",
+    "dropout", "native_dropout", "bernoulli", "rand", "randn", "uniform", "normal", "erf", "sign", "lt", "gt", "eq",
+    "ne", "le", "ge", "reciprocal", "lerp", "addcmul", "addcdiv", "mse_loss", "square", "logical_not", "bitwise_not",
+    "prod", "cumsum",
 }
 MEMORY_OPS = {"to", "t", "detach", "alias", "unfold", "flatten", "roll", "flip", "repeat", "tile", "im2col", "col2im"}
 SUBSTRING_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (

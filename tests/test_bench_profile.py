@@ -21,6 +21,7 @@ report = load_bench_script("report")
     ("aten::linalg_vector_norm", "optimizer"),  # the gradient clipping's norms
     ("aten::gelu_backward", "elementwise"),
     ("aten::add_", "elementwise"),
+    ("aten::_softmax_backward_data", "elementwise"),  # MONAI's MAE attends by matrix products and softmax
     ("aten::select", "memory"),  # not "le": names match whole, or by substrings of the other categories
     ("aten::copy_", "memory"),
     ("autograd::engine::evaluate_function: SelectBackward0", "other"),
