@@ -16,7 +16,10 @@ threads; CUDA kernel time on a GPU) goes to one category:
 
 Shares are of the summed self time, which is the step minus the Python between operators. The
 GEMM work is what MFU counts, so ``1 - matmul - attention - convolution`` is the part of the step
-that holds MFU down.
+that holds MFU down. The matrix products' own rate (their FLOPs from the recorded input shapes
+over their self time) beside the square GEMM rate measured in the same run says how much the
+shapes hold down (an MAE encoder multiplies only the visible tokens: 108 rows at batch 2 in the
+paper preset).
 
     python bench/bench_profile.py --preset paper --networks hiend_mae --out bench/results/profile_paper.json
 """
@@ -24,6 +27,7 @@ that holds MFU down.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -34,7 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_pretrain_step import (  # bench/ is on sys.path
-    NETWORKS, PRESETS, add_run_arguments, build_step, machine_info, write_report,
+    NETWORKS, PRESETS, add_run_arguments, build_step, gemm_rate, machine_info, write_report,
 )
 
 # Operator names without "aten::", leading and trailing "_" and a "_backward" suffix: exact names,
@@ -79,12 +83,18 @@ def category(op: str) -> str:
     return "other"
 
 
+def matmul_flops(op: str, shapes: Sequence[Sequence[int]]) -> int:
+    """FLOPs of one call of the matrix product ``op`` (a :data:`MATMUL_OPS` operator) on inputs of ``shapes``."""
+    *batch, rows, inner = shapes[-2]  # addmm and baddbmm take the bias first
+    return 2 * math.prod(batch) * rows * inner * shapes[-1][-1]
+
+
 def profile_step(step, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    """Self time per category and the top operators of ``steps`` profiled calls of ``step``."""
+    """Self time per category, the matrix products' FLOP rate and the top operators of ``steps`` calls of ``step``."""
     for _ in range(warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         started = time.perf_counter()
         for _ in range(steps):
             step()
@@ -100,9 +110,16 @@ def profile_step(step, steps: int, warmup: int, device: torch.device) -> dict[st
     for name, ms, _ in ops:
         by_category[category(name)] += ms
     ops.sort(key=lambda op: op[1], reverse=True)
+    products = [event for event in prof.key_averages(group_by_input_shape=True) if category(event.key) == "matmul"]
+    product_flops = sum(matmul_flops(event.key, [shape for shape in event.input_shapes if shape]) * event.count
+                        for event in products)
+    product_seconds = sum(event.self_device_time_total if use_cuda else event.self_cpu_time_total
+                          for event in products) / 1e6
     return {
         "profiled_step_s": wall / steps,
         "self_ms_per_step": total,
+        "matmul_gflop_per_step": product_flops / steps / 1e9,
+        "matmul_gflop_s": product_flops / product_seconds / 1e9 if product_seconds else None,
         "categories": {name: {"ms_per_step": by_category[name], "share": by_category[name] / total}
                        for name in CATEGORY_NAMES},
         "top_ops": [{"op": name, "category": category(name), "ms_per_step": ms, "share": ms / total,
@@ -126,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = machine_info(device, args.threads)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the steps' (autocast on CUDA)
+    gemm = gemm_rate(device, dtype)
     networks = {}
     for name in args.networks:
         roles = ["ours"] + (["reference"] if NETWORKS[name].reference is not None else [])
@@ -150,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "warmup": args.warmup,
         "steps": args.steps,
         "time": "CUDA kernel self time" if device.type == "cuda" else "CPU self time on the calling thread",
+        "gemm_gflop_s": gemm / 1e9,
+        "gemm_dtype": str(dtype).removeprefix("torch."),
         "networks": networks,
     }
     write_report(report, args.out)

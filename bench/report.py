@@ -304,8 +304,10 @@ def profile_section(path: Path, report: dict) -> list[str]:
     roles = [(name, role, entry[role]) for name, entry in report["networks"].items()
              for role in ("ours", "reference") if role in entry]
     categories = list(roles[0][2]["categories"]) if roles else []
+    gemm = report["gemm_gflop_s"]
     shares = [
         [name, entry["network"], number(entry["profiled_step_s"], 3),
+         f"{entry['matmul_gflop_s']:.0f} ({percent(entry['matmul_gflop_s'] / gemm)})",
          *(percent(entry["categories"][label]["share"]) for label in categories)]
         for name, _, entry in roles
     ]
@@ -323,10 +325,12 @@ def profile_section(path: Path, report: dict) -> list[str]:
         f"The steps of bench_pretrain_step.py (batch {'×'.join(map(str, shape))}), {report['steps']} profiled after "
         f"{report['warmup']} warm-up; each operator's {report['time']} goes to one category, and a share is of the "
         "summed self time (the categories' rules are in bench/bench_profile.py). Matrix products, attention and "
-        "convolution are the work MFU counts; the rest holds it down. The profiled step time includes the "
-        "profiler's overhead.",
+        "convolution are the work MFU counts; the rest holds it down. The matrix products' own rate (FLOPs from "
+        f"their input shapes over their self time) against the {report['gemm_dtype']} GEMM rate of 2048² matrices "
+        f"measured in the same run, {gemm:.1f} GFLOP/s, says how much their shapes hold it down. The profiled step "
+        "time includes the profiler's overhead.",
         "",
-        *table(["network", "model", "profiled s/step", *categories], shares),
+        *table(["network", "model", "profiled s/step", "matmul GFLOP/s (of GEMM)", *categories], shares),
         "",
         f"The {PROFILE_TOP_OPS} operators with the most self time per step:",
         "",
