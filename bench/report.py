@@ -377,7 +377,7 @@ def target_rows(results: list[tuple[Path, str, dict]]) -> list[list[str]]:
                 found = True
                 ratio = entry["time_ratio_ours_over_reference"]
                 rows.append([f"{method} step time ≤ MONAI MAE's (ratio ≤ {MAX_TIME_RATIO})",
-                             f"{path.name} ({report['preset']}, {report['machine']['device']})",
+                             f"{path.name} ({report['preset']}, {report['machine']['device']}, batch {report['batch']})",
                              ratio_text(entry, "reference"), verdict(ratio <= MAX_TIME_RATIO)])
         if not found:
             rows.append([f"{method} step time ≤ MONAI MAE's", "–", "–", verdict(None)])
@@ -391,7 +391,8 @@ def target_rows(results: list[tuple[Path, str, dict]]) -> list[list[str]]:
                 cpu_found = True
                 mfu = report["networks"][name]["ours"]["mfu_vs_gemm"]
                 note = " (FFT FLOPs not counted)" if name.startswith("frepa") else ""
-                rows.append([f"CPU {report['preset']} ViT step ≥ {threshold:.0%} of GEMM", f"{path.name}: {name}",
+                rows.append([f"CPU {report['preset']} ViT step ≥ {threshold:.0%} of GEMM",
+                             f"{path.name}: {name}, batch {report['batch']}",
                              f"{mfu:.1%}{note}", verdict(mfu >= threshold)])
     if not cpu_found:
         rows.append(["CPU ViT step MFU", "–", "–", verdict(None)])

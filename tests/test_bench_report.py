@@ -48,9 +48,11 @@ def test_target_rows_show_the_interval_beside_the_ratio(tmp_path):
         "reference": {"step_s": other, "step_s_median": statistics.median(other)},
     }
     entry["time_ratio_ours_over_reference"] = entry["ours"]["step_s_median"] / entry["reference"]["step_s_median"]
-    result = {"preset": "demo", "machine": {"device": "cpu"}, "networks": {"hiend_mae": entry}}
-    row = next(r for r in report.target_rows([(tmp_path / "step.json", "pretrain_step", result)])
-               if r[0].startswith("hiend_mae"))
+    result = {"preset": "demo", "batch": 8, "machine": {"device": "cpu"}, "networks": {"hiend_mae": entry}}
+    rows = report.target_rows([(tmp_path / "step.json", "pretrain_step", result)])
+    row = next(r for r in rows if r[0].startswith("hiend_mae"))
+    assert row[1] == "step.json (demo, cpu, batch 8)"  # the targets were set at batch 2: other batches say so
+    assert next(r for r in rows if r[0].startswith("CPU demo"))[1] == "step.json: hiend_mae, batch 8"
     low, high = report.ratio_interval(ours, other)
     assert row[2] == f"{entry['time_ratio_ours_over_reference']:.3f} ({low:.3f}–{high:.3f})"
     assert row[3] == "met"
