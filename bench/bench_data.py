@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from monai.bundle import ConfigParser
 
-from bench_pretrain_step import BUNDLES, add_run_arguments, write_report  # bench/ is on sys.path when run as a script
+from bench_pretrain_step import BUNDLES, parse_run_arguments, write_report  # bench/ is on sys.path when run as a script
 
 PRESETS = {"paper": ("train.json",), "demo": ("train.json", "demo.json")}
 PRETRAINING_BUNDLES = ("hiend_mae", "maesil", "frepa")
@@ -138,13 +138,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--step-rate", type=parse_step_rate, action="append", default=[],
                         help="NETWORK=SAMPLES_PER_S, e.g. hiend_mae=3.5 or frepa_vit=0.6 (adds to the results files)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of bench_pretrain_step JSON results")
-    add_run_arguments(parser, device=False)
-    return parser.parse_args(argv)
+    return parse_run_arguments(parser, argv, device=False)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()
     work_dir = Path(tempfile.mkdtemp(prefix="bench_data-"))
     data_root = args.data_root or work_dir

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_pretrain_step import (  # bench/ is on sys.path
-    PRESETS, add_run_arguments, bundle_config, gemm_rate, machine_info, time_alternating, write_report,
+    PRESETS, bundle_config, gemm_rate, machine_info, parse_run_arguments, time_alternating, write_report,
 )
 
 NETWORK_KINDS = ("vit", "swin", "cnn")
@@ -87,13 +87,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--networks", nargs="+", choices=NETWORK_KINDS, default=list(NETWORK_KINDS))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per precision")
     parser.add_argument("--warmup", type=int, default=1)
-    add_run_arguments(parser)
-    return parser.parse_args(argv)
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     machine = machine_info(device, args.threads)

@@ -34,7 +34,7 @@ import torch.nn as nn
 from monai.bundle import ConfigParser
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_pretrain_step import add_run_arguments, bundle_config, gemm_rate, peak_rss_bytes, write_report  # bench/ is on sys.path when run as a script
+from bench_pretrain_step import bundle_config, gemm_rate, parse_run_arguments, peak_rss_bytes, write_report  # bench/ is on sys.path when run as a script
 
 PRESETS = {"paper": ("inference.json",), "demo": ("inference.json", "demo.json")}
 
@@ -71,13 +71,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="the bundle's amp (default: on with CUDA, as the bundle)")
-    add_run_arguments(parser)
-    return parser.parse_args(argv)
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     amp = device.type == "cuda" if args.amp is None else args.amp
     load_at_start = os.getloadavg()

@@ -486,12 +486,17 @@ def machine_info(device: torch.device, threads: int) -> dict:
     }
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
-    """The options every benchmark script takes: --device (unless ``device`` is False), --threads, --out."""
+def parse_run_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                        device: bool = True) -> argparse.Namespace:
+    """Parse ``argv`` with the options every benchmark script takes added to ``parser`` (--device
+    unless ``device`` is False, --threads, --out), and give torch the threads asked for."""
     if device:
         parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write (e.g. bench/results/...)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -501,14 +506,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="crops per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per network")
     parser.add_argument("--warmup", type=int, default=3)
-    add_run_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="torch.compile the forward + loss")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's datasheet peak in the step's dtype, for MFU against it")
     parser.add_argument("--official-hiend-mae", type=Path, default=None, metavar="CHECKOUT",
                         help="a checkout of github.com/FengheTan9/Hi-End-MAE (with timm 0.5.4 installed): time the "
                              "official implementation beside hiend_mae (paper preset)")
-    return parser.parse_args(argv)
+    return parse_run_arguments(parser, argv)
+
+
+def step_report(benchmark: str, argv: Sequence[str] | None, machine: dict, args: argparse.Namespace) -> dict:
+    """The head of a JSON report on training steps: what ran (command, preset, batch, step counts) and where."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join([f"python bench/bench_{benchmark}.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine,
+        "preset": args.preset,
+        "configs": list(PRESETS[args.preset]["configs"]),
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+    }
 
 
 def write_report(report: dict, out: Path | None) -> None:
@@ -521,7 +539,6 @@ def write_report(report: dict, out: Path | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     machine = machine_info(device, args.threads)
@@ -543,14 +560,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     gemm_end = gemm_rate(device, dtype)  # a drift between the two says the machine's load changed meanwhile
     machine["load_average_at_end"] = os.getloadavg()
     report = {
-        "benchmark": "pretrain_step",
-        "command": " ".join(["python bench/bench_pretrain_step.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine,
-        "preset": args.preset,
-        "configs": list(PRESETS[args.preset]["configs"]),
-        "batch": args.batch,
-        "warmup": args.warmup,
-        "steps": args.steps,
+        **step_report("pretrain_step", argv, machine, args),
         "dtype": "bfloat16 autocast" if device.type == "cuda" else "float32",
         "compile": args.compile,
         "gemm_gflop_s": gemm / 1e9,

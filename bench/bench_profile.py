@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections import defaultdict
 from typing import Any, Sequence
@@ -38,7 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench_pretrain_step import (  # bench/ is on sys.path
-    NETWORKS, PRESETS, add_run_arguments, build_step, gemm_rate, machine_info, write_report,
+    NETWORKS, PRESETS, build_step, gemm_rate, machine_info, parse_run_arguments, step_report, write_report,
 )
 
 # Operator names without "aten::", leading and trailing "_" and a "_backward" suffix: exact names,
@@ -134,13 +133,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="crops per step")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per network and role")
     parser.add_argument("--warmup", type=int, default=2)
-    add_run_arguments(parser)
-    return parser.parse_args(argv)
+    return parse_run_arguments(parser, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     machine = machine_info(device, args.threads)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the steps' (autocast on CUDA)
@@ -160,14 +157,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             del step
     machine["load_average_at_end"] = os.getloadavg()
     report = {
-        "benchmark": "profile",
-        "command": " ".join(["python bench/bench_profile.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine,
-        "preset": args.preset,
-        "configs": list(PRESETS[args.preset]["configs"]),
-        "batch": args.batch,
-        "warmup": args.warmup,
-        "steps": args.steps,
+        **step_report("profile", argv, machine, args),
         "time": "CUDA kernel self time" if device.type == "cuda" else "CPU self time on the calling thread",
         "gemm_gflop_s": gemm / 1e9,
         "gemm_dtype": str(dtype).removeprefix("torch."),
