@@ -64,6 +64,7 @@ bench: venv
 	$(BIN)/python bench/bench_finetune_step.py --preset demo --warmup 1 --steps 5 --out bench/results/finetune_step_demo.json
 	$(BIN)/python bench/bench_ops.py --warmup 1 --repeats 3 --out bench/results/ops.json
 	$(BIN)/python bench/bench_maesil.py --steps 1 --out bench/results/maesil.json
+	$(BIN)/python bench/bench_profile.py --preset demo --networks hiend_mae maesil frepa_vit --warmup 2 --steps 5 --out bench/results/profile_demo.json
 	$(BIN)/python bench/bench_profile.py --preset paper --networks hiend_mae maesil --warmup 1 --steps 2 --out bench/results/profile_paper.json
 	$(BIN)/python bench/report.py
 
