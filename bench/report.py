@@ -307,7 +307,8 @@ def profile_section(path: Path, report: dict) -> list[str]:
     gemm = report["gemm_gflop_s"]
     shares = [
         [name, entry["network"], number(entry["profiled_step_s"], 3),
-         f"{entry['matmul_gflop_s']:.0f} ({percent(entry['matmul_gflop_s'] / gemm)})",
+         "–" if entry["matmul_gflop_s"] is None  # a network without matrix products (a CNN)
+         else f"{entry['matmul_gflop_s']:.0f} ({percent(entry['matmul_gflop_s'] / gemm)})",
          *(percent(entry["categories"][label]["share"]) for label in categories)]
         for name, _, entry in roles
     ]
