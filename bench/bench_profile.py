@@ -92,33 +92,38 @@ def profile_step(step, steps: int, warmup: int, device: torch.device) -> dict[st
     """Self time per category, the matrix products' FLOP rate and the top operators of ``steps`` calls of ``step``."""
     for _ in range(warmup):
         step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    use_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if use_cuda else [])
     with profile(activities=activities, record_shapes=True) as prof:
         started = time.perf_counter()
         for _ in range(steps):
             step()
-        if device.type == "cuda":
+        if use_cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - started
-    use_cuda = device.type == "cuda"
-    ops = [(event.key, (event.self_device_time_total if use_cuda else event.self_cpu_time_total) / 1e3 / steps,
-            event.count / steps) for event in prof.key_averages()]
-    ops = [(name, ms, calls) for name, ms, calls in ops if ms > 0 and not name.startswith("ProfilerStep")]
+    op_ms: dict[str, float] = defaultdict(float)  # self time per step, by operator
+    op_calls: dict[str, float] = defaultdict(float)
+    product_flops = product_ms = 0.0
+    for event in prof.key_averages(group_by_input_shape=True):  # one entry per operator and input shapes
+        if event.key.startswith("ProfilerStep"):
+            continue
+        ms = (event.self_device_time_total if use_cuda else event.self_cpu_time_total) / 1e3 / steps
+        op_ms[event.key] += ms
+        op_calls[event.key] += event.count / steps
+        if category(event.key) == "matmul":
+            product_flops += matmul_flops(event.key, [shape for shape in event.input_shapes if shape]) * event.count
+            product_ms += ms
+    ops = sorted(((name, ms, op_calls[name]) for name, ms in op_ms.items() if ms > 0), key=lambda op: op[1],
+                 reverse=True)
     total = sum(ms for _, ms, _ in ops)
     by_category: dict[str, float] = defaultdict(float)
     for name, ms, _ in ops:
         by_category[category(name)] += ms
-    ops.sort(key=lambda op: op[1], reverse=True)
-    products = [event for event in prof.key_averages(group_by_input_shape=True) if category(event.key) == "matmul"]
-    product_flops = sum(matmul_flops(event.key, [shape for shape in event.input_shapes if shape]) * event.count
-                        for event in products)
-    product_seconds = sum(event.self_device_time_total if use_cuda else event.self_cpu_time_total
-                          for event in products) / 1e6
     return {
         "profiled_step_s": wall / steps,
         "self_ms_per_step": total,
         "matmul_gflop_per_step": product_flops / steps / 1e9,
-        "matmul_gflop_s": product_flops / product_seconds / 1e9 if product_seconds else None,
+        "matmul_gflop_s": product_flops / steps / product_ms / 1e6 if product_ms else None,
         "categories": {name: {"ms_per_step": by_category[name], "share": by_category[name] / total}
                        for name in CATEGORY_NAMES},
         "top_ops": [{"op": name, "category": category(name), "ms_per_step": ms, "share": ms / total,

@@ -1084,26 +1084,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     to_run = [(run, chain) for run, chain, done in zip(plan, chains, in_folder)
               if not args.report_only and not done and (run[0].folder, run[1], run[2]) not in record.runs]
     from_folder = [(run, chain) for run, chain, done in zip(plan, chains, in_folder) if done] + to_run
-    pretrain_steps = [
-        Step(f"pretrain {run.name}", run.bundle, preset.pretrain_configs,
-             {**pretrain_overrides[run.name], "dataset_dir": str(data["pretrain"])},
-             runs / "pretrain" / run.name / "train.done.json")
+    pretrain_steps = {  # by method
+        run.name: Step(f"pretrain {run.name}", run.bundle, preset.pretrain_configs,
+                       {**pretrain_overrides[run.name], "dataset_dir": str(data["pretrain"])},
+                       runs / "pretrain" / run.name / "train.done.json")
         for run in chosen
         # needed by a run to do, or the weights the folder's done runs started from (their digest is recorded)
         if any(start.pretraining == run.name for (start, _, _), _ in from_folder) or
         (args.report_only and (runs / "pretrain" / run.name / "train.done.json").is_file())
-    ]
+    }
     for (start, _, seed), _ in to_run:
         if start.mode == "random_probe":
             write_random_encoder(start.network, random_encoder_path(runs, start, seed), seed)
     ledger = Ledger(total=len(pretrain_steps) + 2 * len(from_folder))
-    pretraining_of = {step.done.parent.name: step for step in pretrain_steps}
-    run_chains([*(Chain((step,)) for step in pretrain_steps),
-                *(Chain(tuple(chain), pretraining_of.get(start.pretraining)) for (start, _, _), chain in from_folder)],
+    run_chains([*(Chain((step,)) for step in pretrain_steps.values()),
+                *(Chain(tuple(chain), pretrain_steps.get(start.pretraining)) for (start, _, _), chain in from_folder)],
                root, args.jobs, ledger)
     machine = machine_description()
     digests = {method: record.add_pretraining(method, weights[method], json.loads(step.done.read_text()), machine)
-               for method, step in pretraining_of.items()}
+               for method, step in pretrain_steps.items()}
 
     for (start, k, seed), chain in from_folder:
         result = read_result(runs / "finetune" / start.folder / f"k{k}_seed{seed}", start, k, seed)
