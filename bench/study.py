@@ -18,8 +18,8 @@ runs, its log kept beside its outputs):
 Restartable: a step whose ``*.done.json`` exists is skipped, and a bundle run that was cut off
 resumes from its own checkpoint, so running the same command again continues the study.
 ``--methods``, ``--label-counts``, ``--probe-label-counts`` and ``--seeds`` run a part of the grid
-into the same runs folder; ``--report-only`` runs nothing and writes the tables from every part
-done so far.
+into the same runs folder (``--seeds`` beyond the preset's: more repeats of its runs);
+``--report-only`` runs nothing and writes the tables from every part done so far.
 
 Beside ``--out`` the study keeps its record (``--out`` with the suffix ``.json``, e.g.
 docs/results.json): the settings, each pretraining's command, wall time and weights digest, and
@@ -328,7 +328,7 @@ class StudyRecord:
         if not path.is_file():
             return cls(path, settings)
         content = json.loads(path.read_text())
-        if content["settings"] != settings:
+        if comparable_settings(content["settings"]) != settings:
             raise SystemExit(f"{path} records a study of other settings than this one's: give another --out, "
                              "or delete that record (and its report) to start this study over")
         runs = {(run["start"], run["k"], run["seed"]): run for run in content["runs"]}
@@ -928,7 +928,7 @@ def setup_markdown(preset: Preset, record: StudyRecord, results: Sequence[RunRes
         f"{preset.warmup_steps} steps, {validation}; label counts k = "
         f"{list(preset.label_counts)}, frozen-encoder probing at k = {list(preset.probe_label_counts)} (each "
         "pretrained encoder, and each network's encoder frozen at its random initialisation); seeds "
-        f"{list(preset.seeds)} (fine-tuning initialisation, crops, labelled scans).",
+        f"{list(preset.seeds)} by default (fine-tuning initialisation, crops, labelled scans).",
         "- Each method is pretrained once (the bundles' seed 0) and every fine-tuning run of it starts from those "
         "weights, so the sd over seeds does not include the variation between pretraining runs, except for a "
         "method whose results below came from several pretraining runs (said under its commands).",
@@ -980,7 +980,8 @@ class Selection:
 
 
 def run_selection(parser: argparse.ArgumentParser, preset: Preset, args: argparse.Namespace) -> Selection:
-    """The preset's grid, narrowed by the command line; a value outside the preset is an error."""
+    """The preset's grid, narrowed by the command line; a value outside the preset is an error, except
+    seeds: seeds beyond the preset's repeat its runs more times."""
     def narrowed(given: Sequence | None, full: Sequence, option: str) -> tuple:
         if given is None:
             return tuple(full)
@@ -993,21 +994,33 @@ def run_selection(parser: argparse.ArgumentParser, preset: Preset, args: argpars
         methods=narrowed(args.methods, [run.name for run in PRETRAININGS], "--methods"),
         label_counts=narrowed(args.label_counts, preset.label_counts, "--label-counts"),
         probe_label_counts=narrowed(args.probe_label_counts, preset.probe_label_counts, "--probe-label-counts"),
-        seeds=narrowed(args.seeds, preset.seeds, "--seeds"),
+        seeds=preset.seeds if args.seeds is None else tuple(sorted(set(args.seeds))),
     )
 
 
+# The grid's axes: every run is kept under its own k and seed, so the preset's lists of them say which
+# runs a study makes by default, not how a run is made, and widening them leaves every run comparable.
+GRID_AXES = ("label_counts", "probe_label_counts", "seeds")
+
+
 def study_settings(size: str, preset: Preset, networks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """What makes two studies comparable: the size, the preset's numbers (not its note) and the networks."""
-    return {"size": size, "preset": {key: value for key, value in asdict(preset).items() if key != "note"},
-            "networks": networks}
+    """What makes two studies comparable: the size, the preset's numbers (not its note nor its grid's axes)
+    and the networks."""
+    return {"size": size, "networks": networks, "preset": {
+        key: value for key, value in asdict(preset).items() if key != "note" and key not in GRID_AXES}}
+
+
+def comparable_settings(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """Recorded settings as ``study_settings`` gives them now (records before GRID_AXES kept the axes)."""
+    preset = {key: value for key, value in recorded["preset"].items() if key not in GRID_AXES}
+    return {**recorded, "preset": preset}
 
 
 def guard_settings(runs: Path, settings: Mapping[str, Any]) -> None:
     """Refuse to mix results of other settings into a runs folder; record the settings on first use."""
     record = runs / "study.json"
     current = json.loads(json.dumps(settings))  # tuples as lists, as read back
-    if record.is_file() and json.loads(record.read_text()) != current:
+    if record.is_file() and comparable_settings(json.loads(record.read_text())) != current:
         raise SystemExit(f"{record} records other study settings than this run's: give another --runs folder, "
                          f"or delete {runs} to start this study over")
     runs.mkdir(parents=True, exist_ok=True)
@@ -1030,7 +1043,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--probe-label-counts", nargs="*", type=int,
                         help="run frozen-encoder probing only at these of the preset's k (default all; none: no probing)")
     parser.add_argument("--seeds", nargs="+", type=int,
-                        help="run only these of the preset's seeds (default all); a mean over fewer seeds says so")
+                        help="run these seeds (default the preset's); seeds beyond the preset's add repeats of "
+                             "the same runs; a mean over fewer seeds than given says so")
     parser.add_argument("--decoder", choices=SEGMENTATION_DECODERS, default="default",
                         help="seg_finetune's decoder: default (UNETR, SwinUNETR, SegResNet) or linear (a linear head "
                              "on the ViT's tokens, ViT methods only; runs in runs/study/<size>-linear by default; "
@@ -1071,7 +1085,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     record = StudyRecord.open(out.with_suffix(".json"), settings)
 
     data = phantom_pools(preset, runs / "data")
-    for seed in preset.seeds:
+    for seed in selected.seeds:
         data[f"finetune_seed{seed}"] = labelled_order(data["finetune"], preset.finetune_num_val, seed)
     chosen = [run for run in PRETRAININGS if run.name in selected.methods]
     weights = {run.name: runs / "pretrain" / run.name / "models" / "model.pt" for run in chosen}

@@ -145,7 +145,7 @@ def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
     assert len({seed for _, _, seed in runs}) == len(preset.seeds)
 
 
-def test_selection_narrows_the_grid_and_refuses_values_outside_the_preset():
+def test_selection_narrows_the_grid_refuses_label_counts_outside_the_preset_and_adds_seeds():
     parser = study.argparse.ArgumentParser()
     preset = study.PRESETS["small"]
     args = study.argparse.Namespace(size="small", methods=["hiend_mae"], label_counts=[1], probe_label_counts=[],
@@ -158,11 +158,35 @@ def test_selection_narrows_the_grid_and_refuses_values_outside_the_preset():
     one_seed = study.run_selection(parser, preset, study.argparse.Namespace(
         size="small", methods=None, label_counts=None, probe_label_counts=None, seeds=[2]))
     assert one_seed.seeds == (2,) and one_seed.label_counts == preset.label_counts
-    for narrowing in ({"label_counts": [3]}, {"seeds": [7]}):
+    more_seeds = study.run_selection(parser, preset, study.argparse.Namespace(
+        size="small", methods=None, label_counts=None, probe_label_counts=None, seeds=[7, 0, 3, 3]))
+    assert more_seeds.seeds == (0, 3, 7)
+    for narrowing in ({"label_counts": [3]}, {"probe_label_counts": [4]}):
         with pytest.raises(SystemExit):
             study.run_selection(parser, preset, study.argparse.Namespace(
                 **{"size": "small", "methods": None, "label_counts": None, "probe_label_counts": None, "seeds": None,
                    **narrowing}))
+
+
+def test_settings_leave_out_the_grid_axes_and_accept_records_that_kept_them(tmp_path):
+    """Runs are recorded by k and seed, so more seeds or label counts must not refuse a record or runs folder
+    written before, while a change to how a run is made still does."""
+    preset = study.PRESETS["small"]
+    settings = study.study_settings("small", preset, {})
+    more = replace(preset, seeds=(0, 1, 2, 3, 4), label_counts=(1, 2))
+    assert study.study_settings("small", more, {}) == settings
+    assert study.study_settings("small", replace(preset, crops_per_step=preset.crops_per_step + 1), {}) != settings
+    old_style = json.loads(json.dumps(settings))
+    old_style["preset"].update(seeds=[0, 1, 2], label_counts=[1, 2, 4], probe_label_counts=[1])
+    (tmp_path / "results.json").write_text(json.dumps({"settings": old_style, "pretraining": {}, "runs": []}))
+    study.StudyRecord.open(tmp_path / "results.json", settings)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "study.json").write_text(json.dumps(old_style))
+    study.guard_settings(runs, settings)
+    assert "seeds" not in json.loads((runs / "study.json").read_text())["preset"]
+    with pytest.raises(SystemExit, match="other study settings"):
+        study.guard_settings(runs, study.study_settings("small", replace(preset, crops_per_step=1), {}))
 
 
 def _settings(size: str = "smoke") -> dict:
