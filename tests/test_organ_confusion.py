@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -36,21 +37,23 @@ def _finished_run(runs, start: str, seed: int, settings: dict, predicted: int) -
 def test_each_run_gives_the_organs_voxels_the_label_its_network_predicts(tmp_path, capsys):
     runs = tmp_path / "runs"
     default_dataset(runs / "data" / "test", num=2, seed=2000, shape=(48, 48, 48))
+    finetune = default_dataset(runs / "data" / "finetune", num=3, seed=0, shape=(48, 48, 48))
+    shutil.copy(finetune, finetune.with_name("dataset_seed0.json"))  # the study's labelled order for seed 0
     settings = {"seed": 0, "network_kind": "cnn", "encoder_size": "tiny", "roi_size": [32, 32, 32],
                 "encoder_args": {}, "amp": False, "num_val": 2}
     _finished_run(runs, "scratch_cnn", 0, settings, predicted=LABEL_IDS["aorta"])
     _finished_run(runs, "frepa_cnn", 0, settings, predicted=LABEL_IDS["bone"])
     (runs / "finetune" / "frepa_cnn" / "k1_seed1").mkdir()  # unfinished: no train.done.json
 
-    test = runs / "data/test/dataset.json"
-    aorta = confusion.run_shares(runs / "finetune/scratch_cnn/k1_seed0", test, LABEL_IDS["aorta"])
+    aorta = confusion.run_shares(runs / "finetune/scratch_cnn/k1_seed0", LABEL_IDS["aorta"])
     assert aorta.sum() > 0 and aorta[LABEL_IDS["aorta"]] == aorta.sum()
+    labelled = confusion.run_shares(runs / "finetune/scratch_cnn/k1_seed0", LABEL_IDS["aorta"], "labelled")
+    assert 0 < labelled.sum() != aorta.sum()  # one fine-tuning scan (k = 1), not the two held-out ones
 
     confusion.main(["--runs", str(runs), "--organ", "aorta", "--starts", "scratch_cnn", "frepa_cnn"])
     out = capsys.readouterr().out
     assert "scratch_cnn k1_seed0: aorta recall 100%" in out and "frepa_cnn k1_seed0: aorta recall 0%" in out
-    assert f"Per cent of the {aorta.sum()} aorta voxels" in out
-    assert "| frepa_cnn | 0 | 0 | 0 | 0 | 0 | 0 | 0 | 100 | 0 |" in out  # bone's column
+    assert f"| frepa_cnn | 0 | {aorta.sum()} | 0 | 0 | 0 | 0 | 0 | 0 | 100 | 0 |" in out  # bone's column
     assert "k1_seed1" not in out
     with pytest.raises(SystemExit):
         confusion.main(["--runs", str(runs), "--organ", "heart", "--starts", "scratch_cnn"])
