@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
+from medssl.data import LABEL_IDS, LABELS
+
 ROOT = Path(__file__).resolve().parents[1]
 SEG_FINETUNE = ROOT / "bundles/seg_finetune"
 
@@ -95,7 +97,7 @@ def confusion_markdown(rows: Sequence[tuple[str, int, np.ndarray]], class_names:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", required=True, help="a study's runs folder (runs/study/<size>[-amp])")
-    parser.add_argument("--organ", required=True, help="a label name of seg_finetune's class_names, e.g. aorta")
+    parser.add_argument("--organ", required=True, choices=list(LABEL_IDS)[1:], help="the organ, e.g. aorta")
     parser.add_argument("--starts", nargs="+", required=True, help="start folders under <runs>/finetune")
     parser.add_argument("--split", choices=sorted(SPLITS), default="test",
                         help="test: the held-out phantoms (default); labelled: each run's own labelled scans")
@@ -105,22 +107,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     runs = Path(args.runs)
-    rows, class_names = [], None
+    organ = LABEL_IDS[args.organ]
+    rows = []
     for start in args.starts:
         for folder in sorted((runs / "finetune" / start).glob(f"k{args.k}_seed*"), key=_seed):
             if not (folder / "train.done.json").is_file():  # not finished
                 continue
-            if class_names is None:
-                class_names = list(run_parser(folder).get_parsed_content("class_names"))
-                if args.organ not in class_names:
-                    parser.error(f"--organ {args.organ} is not one of seg_finetune's class_names {class_names}")
-            counts = run_shares(folder, class_names.index(args.organ), args.split)
+            counts = run_shares(folder, organ, args.split)
             rows.append((start, _seed(folder), counts))
-            recall = counts[class_names.index(args.organ)] / max(counts.sum(), 1)
+            recall = counts[organ] / max(counts.sum(), 1)
             print(f"{start} {folder.name}: {args.organ} recall {100 * recall:.0f}%", flush=True)
     if not rows:
         parser.error(f"no finished run (train.done.json) of {args.starts} at k = {args.k} under {runs / 'finetune'}")
-    print("\n".join(["", *confusion_markdown(rows, class_names, args.organ, args.split)]))
+    print("\n".join(["", *confusion_markdown(rows, [LABELS[index] for index in sorted(LABELS)], args.organ, args.split)]))
 
 
 if __name__ == "__main__":

@@ -1006,12 +1006,12 @@ GRID_AXES = ("label_counts", "probe_label_counts", "seeds")
 def study_settings(size: str, preset: Preset, networks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """What makes two studies comparable: the size, the preset's numbers (not its note nor its grid's axes)
     and the networks."""
-    return {"size": size, "networks": networks, "preset": {
-        key: value for key, value in asdict(preset).items() if key != "note" and key not in GRID_AXES}}
+    numbers = {key: value for key, value in asdict(preset).items() if key != "note"}
+    return comparable_settings({"size": size, "networks": networks, "preset": numbers})
 
 
 def comparable_settings(recorded: Mapping[str, Any]) -> dict[str, Any]:
-    """Recorded settings as ``study_settings`` gives them now (records before GRID_AXES kept the axes)."""
+    """Settings less the grid's axes (records written before GRID_AXES kept them)."""
     preset = {key: value for key, value in recorded["preset"].items() if key not in GRID_AXES}
     return {**recorded, "preset": preset}
 
