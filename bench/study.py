@@ -4,7 +4,9 @@ On generated phantom CT scans, with every step a bundle's own MONAI CLI command 
 runs, its log kept beside its outputs):
 
 1. pretrain hiend_mae, maesil and frepa (one run per encoder kind: vit, swin, cnn) on unlabelled
-   scans (phantom seed 1000), once per method, each into ``<runs>/pretrain/<method>/``;
+   scans (phantom seed 1000), once per method, each into ``<runs>/pretrain/<method>/``; an
+   ablation (``ABLATIONS``, e.g. ``frepa_cnn_no_lfp``: Frepa-CNN without its low-frequency
+   perturbation) runs as a method of its own when ``--methods`` names it;
 2. fine-tune bundles/seg_finetune from each pretrained encoder, from scratch (the same network)
    and with the pretrained encoder frozen (probing; baseline: the encoder frozen at its random
    initialisation), on k labelled scans of the fine-tuning pool
@@ -100,6 +102,7 @@ class Pretraining:
     name: str
     bundle: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    ablation_of: str | None = None  # the method this run is with one part of its recipe taken out
 
 
 # Frepa builds its encoder with medssl.encoders.build_encoder, so it takes every kind there is.
@@ -108,6 +111,14 @@ PRETRAININGS = (
     Pretraining("hiend_mae", "hiend_mae"),
     Pretraining("maesil", "maesil"),
     *(Pretraining(f"frepa_{kind}", "frepa", {"encoder_kind": kind}) for kind in FREPA_ENCODER_KINDS),
+)
+# Run only when --methods names them. An ablation fine-tunes the network of the method it ablates, so
+# it leaves a study's settings (and so its records and runs folders) as they are.
+ABLATIONS = (
+    # Frepa-CNN without the low-frequency perturbation (sigma 0: the perturbed view is the clean crop),
+    # to tell whether it is what keeps Frepa-CNN's SegResNet from the aorta (docs/study_findings.md, E22).
+    Pretraining("frepa_cnn_no_lfp", "frepa", {"encoder_kind": "cnn", "corruption#perturbation_sigma": [0.0, 0.0]},
+                ablation_of="frepa_cnn"),
 )
 
 
@@ -618,14 +629,18 @@ def finetune_network(run: Pretraining, settings) -> dict[str, Any]:
 def pretraining_plan(root: Path, preset: Preset, runs: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """Overrides of every pretraining run (all but its data) and the seg_finetune network matching each."""
     overrides, networks = {}, {}
-    for run in PRETRAININGS:
+    for run in (*PRETRAININGS, *ABLATIONS):
         folder = runs / "pretrain" / run.name
         overrides[run.name] = {
             "bundle_root": str(folder), "ckpt_dir": str(folder / "models"), "output_dir": str(folder / "eval"),
-            "num_val": preset.pretrain_num_val, **run.overrides, **preset.pretrain_overrides.get(run.name, {})}
+            "num_val": preset.pretrain_num_val, **run.overrides,
+            **preset.pretrain_overrides.get(run.ablation_of or run.name, {})}
         config = bundle_config(root, run.bundle, preset.pretrain_configs, [*overrides[run.name], "dataset_dir"])
         config.update(overrides[run.name])
         networks[run.name] = finetune_network(run, config)
+        if run.ablation_of and networks[run.name] != networks[run.ablation_of]:
+            raise ValueError(f"ablation {run.name} would fine-tune {networks[run.name]}, not {run.ablation_of}'s "
+                             f"{networks[run.ablation_of]}: its overrides must leave the encoder as it is")
     return overrides, networks
 
 
@@ -991,7 +1006,8 @@ def run_selection(parser: argparse.ArgumentParser, preset: Preset, args: argpars
         return tuple(value for value in full if value in given)
 
     return Selection(
-        methods=narrowed(args.methods, [run.name for run in PRETRAININGS], "--methods"),
+        methods=(tuple(run.name for run in PRETRAININGS) if args.methods is None
+                 else narrowed(args.methods, [run.name for run in (*PRETRAININGS, *ABLATIONS)], "--methods")),
         label_counts=narrowed(args.label_counts, preset.label_counts, "--label-counts"),
         probe_label_counts=narrowed(args.probe_label_counts, preset.probe_label_counts, "--probe-label-counts"),
         seeds=preset.seeds if args.seeds is None else tuple(sorted(set(args.seeds))),
@@ -1005,8 +1021,10 @@ GRID_AXES = ("label_counts", "probe_label_counts", "seeds")
 
 def study_settings(size: str, preset: Preset, networks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """What makes two studies comparable: the size, the preset's numbers (not its note nor its grid's axes)
-    and the networks."""
+    and the networks; an ablation's network is its method's (pretraining_plan checks it), so it is left out."""
     numbers = {key: value for key, value in asdict(preset).items() if key != "note"}
+    ablations = {run.name for run in ABLATIONS}
+    networks = {name: network for name, network in networks.items() if name not in ablations}
     return comparable_settings({"size": size, "networks": networks, "preset": numbers})
 
 
@@ -1036,8 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="bundle runs at a time (default 1; runs that need no pretraining start beside the "
                              "pretrainings); with more than one and OMP_NUM_THREADS unset, each gets cpu_count / jobs "
                              "threads")
-    parser.add_argument("--methods", nargs="+", choices=[run.name for run in PRETRAININGS],
-                        help="run only these pretraining methods (default all); the rest of the tables reads n/a")
+    parser.add_argument("--methods", nargs="+", choices=[run.name for run in (*PRETRAININGS, *ABLATIONS)],
+                        help="run only these pretraining methods (default all but the ablations, which run only "
+                             "when named); the rest of the tables reads n/a")
     parser.add_argument("--label-counts", nargs="+", type=int,
                         help="run only these of the preset's label counts k (default all)")
     parser.add_argument("--probe-label-counts", nargs="*", type=int,
@@ -1087,7 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = phantom_pools(preset, runs / "data")
     for seed in selected.seeds:
         data[f"finetune_seed{seed}"] = labelled_order(data["finetune"], preset.finetune_num_val, seed)
-    chosen = [run for run in PRETRAININGS if run.name in selected.methods]
+    chosen = [run for run in (*PRETRAININGS, *ABLATIONS) if run.name in selected.methods]
     weights = {run.name: runs / "pretrain" / run.name / "models" / "model.pt" for run in chosen}
     starts = plan_starts({run.name: networks[run.name] for run in chosen})
     plan = fine_tuning_runs(selected, starts)

@@ -122,7 +122,7 @@ def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
     """The keys the study overrides exist in today's configs; the fine-tuning networks match the encoders."""
     preset = study.PRESETS[size]
     _, networks = study.pretraining_plan(ROOT, preset, tmp_path)
-    assert set(networks) == {"hiend_mae", "maesil", "frepa_vit", "frepa_swin", "frepa_cnn"}
+    assert set(networks) == {"hiend_mae", "maesil", "frepa_vit", "frepa_swin", "frepa_cnn", "frepa_cnn_no_lfp"}
     assert [networks[f"frepa_{kind}"]["network_kind"] for kind in ("vit", "swin", "cnn")] == ["vit", "swin", "cnn"]
     assert networks["maesil"]["encoder_args"]["patch_size"] == 8
     assert networks["hiend_mae"]["roi_size"] == networks["frepa_vit"]["roi_size"]
@@ -166,6 +166,29 @@ def test_selection_narrows_the_grid_refuses_label_counts_outside_the_preset_and_
             study.run_selection(parser, preset, study.argparse.Namespace(
                 **{"size": "small", "methods": None, "label_counts": None, "probe_label_counts": None, "seeds": None,
                    **narrowing}))
+
+
+def test_the_frepa_cnn_ablation_runs_when_named_pretrains_without_the_perturbation_and_keeps_the_settings(tmp_path):
+    preset = study.PRESETS["small"]
+    overrides, networks = study.pretraining_plan(ROOT, preset, tmp_path)
+    assert networks["frepa_cnn_no_lfp"] == networks["frepa_cnn"]
+    assert study.study_settings("small", preset, networks) == study.study_settings(
+        "small", preset, {name: network for name, network in networks.items() if name != "frepa_cnn_no_lfp"})
+    parser = study.argparse.ArgumentParser()
+    grid = {"size": "small", "label_counts": None, "probe_label_counts": None, "seeds": None}
+    assert "frepa_cnn_no_lfp" not in study.run_selection(parser, preset, study.argparse.Namespace(methods=None, **grid)).methods
+    named = study.run_selection(parser, preset, study.argparse.Namespace(methods=["frepa_cnn_no_lfp"], **grid))
+    assert named.methods == ("frepa_cnn_no_lfp",)
+
+    crop = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    perturbed = {}
+    for name in ("frepa_cnn", "frepa_cnn_no_lfp"):
+        config = study.bundle_config(ROOT, "frepa", preset.pretrain_configs, overrides[name])
+        config.update(overrides[name])
+        corruption = config.get_parsed_content("corruption", instantiate=True)
+        perturbed[name] = corruption.views(crop, torch.Generator().manual_seed(1))[1]
+    torch.testing.assert_close(perturbed["frepa_cnn_no_lfp"], crop, atol=1e-6, rtol=0)
+    assert (perturbed["frepa_cnn"] - crop).abs().max() > 1e-3
 
 
 def test_settings_leave_out_the_grid_axes_and_accept_records_that_kept_them(tmp_path):
