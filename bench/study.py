@@ -102,7 +102,7 @@ class Pretraining:
     name: str
     bundle: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    ablation_of: str | None = None  # the method this run is with one part of its recipe taken out
+    ablation_of: str | None = None  # the method this run repeats with one part of its recipe taken out
 
 
 # Frepa builds its encoder with medssl.encoders.build_encoder, so it takes every kind there is.

@@ -176,7 +176,8 @@ def test_the_frepa_cnn_ablation_runs_when_named_pretrains_without_the_perturbati
         "small", preset, {name: network for name, network in networks.items() if name != "frepa_cnn_no_lfp"})
     parser = study.argparse.ArgumentParser()
     grid = {"size": "small", "label_counts": None, "probe_label_counts": None, "seeds": None}
-    assert "frepa_cnn_no_lfp" not in study.run_selection(parser, preset, study.argparse.Namespace(methods=None, **grid)).methods
+    default = study.run_selection(parser, preset, study.argparse.Namespace(methods=None, **grid))
+    assert "frepa_cnn_no_lfp" not in default.methods
     named = study.run_selection(parser, preset, study.argparse.Namespace(methods=["frepa_cnn_no_lfp"], **grid))
     assert named.methods == ("frepa_cnn_no_lfp",)
 
