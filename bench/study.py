@@ -120,6 +120,7 @@ ABLATIONS = (
     Pretraining("frepa_cnn_no_lfp", "frepa", {"encoder_kind": "cnn", "corruption#perturbation_sigma": [0.0, 0.0]},
                 ablation_of="frepa_cnn"),
 )
+ALL_PRETRAININGS = (*PRETRAININGS, *ABLATIONS)
 
 
 @dataclass(frozen=True)
@@ -629,7 +630,7 @@ def finetune_network(run: Pretraining, settings) -> dict[str, Any]:
 def pretraining_plan(root: Path, preset: Preset, runs: Path) -> tuple[dict[str, dict], dict[str, dict]]:
     """Overrides of every pretraining run (all but its data) and the seg_finetune network matching each."""
     overrides, networks = {}, {}
-    for run in (*PRETRAININGS, *ABLATIONS):
+    for run in ALL_PRETRAININGS:
         folder = runs / "pretrain" / run.name
         overrides[run.name] = {
             "bundle_root": str(folder), "ckpt_dir": str(folder / "models"), "output_dir": str(folder / "eval"),
@@ -1007,7 +1008,7 @@ def run_selection(parser: argparse.ArgumentParser, preset: Preset, args: argpars
 
     return Selection(
         methods=(tuple(run.name for run in PRETRAININGS) if args.methods is None
-                 else narrowed(args.methods, [run.name for run in (*PRETRAININGS, *ABLATIONS)], "--methods")),
+                 else narrowed(args.methods, [run.name for run in ALL_PRETRAININGS], "--methods")),
         label_counts=narrowed(args.label_counts, preset.label_counts, "--label-counts"),
         probe_label_counts=narrowed(args.probe_label_counts, preset.probe_label_counts, "--probe-label-counts"),
         seeds=preset.seeds if args.seeds is None else tuple(sorted(set(args.seeds))),
@@ -1054,7 +1055,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="bundle runs at a time (default 1; runs that need no pretraining start beside the "
                              "pretrainings); with more than one and OMP_NUM_THREADS unset, each gets cpu_count / jobs "
                              "threads")
-    parser.add_argument("--methods", nargs="+", choices=[run.name for run in (*PRETRAININGS, *ABLATIONS)],
+    parser.add_argument("--methods", nargs="+", choices=[run.name for run in ALL_PRETRAININGS],
                         help="run only these pretraining methods (default all but the ablations, which run only "
                              "when named); the rest of the tables reads n/a")
     parser.add_argument("--label-counts", nargs="+", type=int,
@@ -1106,7 +1107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = phantom_pools(preset, runs / "data")
     for seed in selected.seeds:
         data[f"finetune_seed{seed}"] = labelled_order(data["finetune"], preset.finetune_num_val, seed)
-    chosen = [run for run in (*PRETRAININGS, *ABLATIONS) if run.name in selected.methods]
+    chosen = [run for run in ALL_PRETRAININGS if run.name in selected.methods]
     weights = {run.name: runs / "pretrain" / run.name / "models" / "model.pt" for run in chosen}
     starts = plan_starts({run.name: networks[run.name] for run in chosen})
     plan = fine_tuning_runs(selected, starts)
