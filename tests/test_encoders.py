@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from monai.networks.blocks import TransformerBlock
 from monai.networks.nets import ViT
 
 from medssl.encoders import (
@@ -13,6 +14,7 @@ from medssl.encoders import (
     ViTEncoder,
     build_encoder,
     build_segmentation_network,
+    transformer_block_rows,
 )
 from medssl.masking import gather_tokens, random_masking
 
@@ -123,3 +125,23 @@ def test_2d_vit():
     encoder = build_encoder("vit", "tiny", img_size=64, spatial_dims=2, num_layers=1)
     out, _ = encoder(torch.randn(2, 1, 64, 64))
     assert out.shape == (2, 16, 192)
+
+
+@pytest.mark.parametrize("with_cross_attention", [False, True])
+def test_block_rows_equal_the_full_block_at_those_rows(with_cross_attention):
+    torch.manual_seed(0)
+    block = TransformerBlock(24, 96, 4, qkv_bias=True, with_cross_attention=with_cross_attention,
+                             use_flash_attention=True)
+    x = torch.randn(2, 10, 24, requires_grad=True)
+    context = torch.randn(2, 3, 24) if with_cross_attention else None
+    rows = torch.tensor([[7, 1, 4], [0, 9, 2]])
+    expected = gather_tokens(block(x, context=context), rows)
+    got = transformer_block_rows(block, x, rows, context=context)
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, *block.parameters()], allow_unused=True)
+    got_grads = torch.autograd.grad((got * weights).sum(), [x, *block.parameters()], allow_unused=True)
+    for want, have in zip(expected_grads, got_grads):
+        assert (want is None) == (have is None)
+        if want is not None:
+            torch.testing.assert_close(have, want)

@@ -52,6 +52,7 @@ __all__ = [
     "unetr_upsampling",
     "init_transformer_weights",
     "freeze_unused_cross_attention_norms",
+    "transformer_block_rows",
 ]
 
 # Widths and depths per kind and size. ViT "large" is Hi-End-MAE's large (patch 12, width 1536);
@@ -648,3 +649,26 @@ def freeze_unused_cross_attention_norms(module: nn.Module) -> None:
     for block in module.modules():
         if isinstance(block, TransformerBlock) and not block.with_cross_attention:
             block.norm_cross_attn.requires_grad_(False)
+
+
+def transformer_block_rows(
+    block: TransformerBlock, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``block(x, context)`` at the tokens ``rows`` only, without computing the others.
+
+    Every token of x (B, N, D) is still a key and value of the self-attention, but only the rows
+    (B, R) are queries, and the output projection, cross-attention and MLP run on them alone:
+    the last block of a decoder whose loss reads R of N tokens then costs about R / N of a block.
+    Returns (B, R, D), equal to ``gather_tokens(block(x, context), rows)`` for MONAI's
+    TransformerBlock with its fused qkv projection and scaled_dot_product_attention.
+    """
+    attention = block.attn
+    q, k, v = attention.input_rearrange(attention.qkv(block.norm1(x)))  # each (B, heads, N, head_dim)
+    q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, heads, R, head_dim)
+    dropout = attention.dropout_rate if attention.training else 0.0
+    attended = F.scaled_dot_product_attention(q, k, v, scale=attention.scale, dropout_p=dropout)
+    attended = attention.drop_output(attention.out_proj(attention.out_rearrange(attended)))
+    y = gather_tokens(x, rows) + attended
+    if block.with_cross_attention:
+        y = y + block.cross_attn(block.norm_cross_attn(y), context=context)
+    return y + block.mlp(block.norm2(y))

@@ -4,8 +4,9 @@ The encoder is the shared ViT run on the visible tokens only. The decoder first 
 [visible ; mask] tokens attend to each other (2 self-attention blocks), then cross-attends, deep
 to shallow, to the visible-token features tapped after encoder blocks 10, 7 and 4 (0-indexed
 hidden states 9, 6, 3), so that every encoder depth gets a direct reconstruction signal. The
-loss is the MSE on masked patches of the per-patch normalised input; the prediction head runs on
-the masked tokens only, since the loss reads nothing else (MAE runs it on all tokens).
+loss is the MSE on masked patches of the per-patch normalised input; the prediction head and the
+last decoder block's queries, cross-attention and MLP run on the masked tokens only, since the
+loss reads nothing else (MAE runs its head on all tokens).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 
-from medssl.encoders import build_encoder, freeze_unused_cross_attention_norms, init_transformer_weights
+from medssl.encoders import (
+    build_encoder,
+    freeze_unused_cross_attention_norms,
+    init_transformer_weights,
+    transformer_block_rows,
+)
 from medssl.losses import patch_normalise
 from medssl.masking import (
     TokenMask,
@@ -119,9 +125,12 @@ class HiEndMAE(nn.Module):
         x = x + self.decoder_pos_embed
         for block in self.decoder_self_blocks:
             x = block(x)
-        for block, projection, tap in zip(self.decoder_cross_blocks, self.tap_projections, self.tap_order):
+        *inner, (last, last_projection, last_tap) = zip(self.decoder_cross_blocks, self.tap_projections,
+                                                         self.tap_order)
+        for block, projection, tap in inner:
             x = block(x, context=projection(hidden_states[tap]))  # keys/values: visible tokens of that tap
-        return self.decoder_pred(self.decoder_norm(gather_tokens(x, ids_masked)))
+        x = transformer_block_rows(last, x, ids_masked, context=last_projection(hidden_states[last_tap]))  # (B, M, D)
+        return self.decoder_pred(self.decoder_norm(x))
 
     def forward(self, image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         mask = self.draw_mask(image.shape[0], image.device, generator)
