@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--amp", action="store_true", help="the study's --amp (its runs folder and fine-tuning)")
     parser.add_argument("--runs", help="the study's runs folder (default runs/study/<size>[-amp])")
     parser.add_argument("--pretraining", required=True, choices=[run.name for run in study.ALL_PRETRAININGS],
-                        help="the pretraining whose encoder is rescaled (its study run must be done)")
+                        help="the pretraining whose encoder the variants are made of (its study run must be done)")
     parser.add_argument("--organ", required=True, choices=list(LABEL_IDS)[1:], help="the organ to tabulate")
     parser.add_argument("--seeds", nargs="+", type=int, required=True, help="seeds, as the study's")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
