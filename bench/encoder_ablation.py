@@ -141,34 +141,33 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     data = study.phantom_pools(preset, runs / "data", ("finetune", "test"))
     out_runs = runs / "encoder_ablation"
+    starts = {variant: study.Start(f"{args.pretraining}_{variant}", "finetune", network, variant)
+              for variant in args.variants}
     chains = []
     for seed in args.seeds:
         data[f"finetune_seed{seed}"] = study.labelled_order(data["finetune"], preset.finetune_num_val, seed)
-        initial_path = out_runs / "initial" / f"seed{seed}.pt"
-        study.write_random_encoder(network, initial_path, seed)
-        initial = torch.load(initial_path, weights_only=True)
+        initial = study.random_encoder_state(network, seed)
         if seed == args.seeds[0]:
             print("pretrained / initial norm of each weight tensor:\n" + "\n".join(
                 f"  {name}: {ratio:.2f}" for name, ratio in norm_ratios(pretrained, initial)), flush=True)
-        for variant in args.variants:
+        for variant, start in starts.items():
             path = out_runs / "encoders" / variant / f"seed{seed}.pt"
-            if variant == "random_reseeded":
-                study.write_random_encoder(network, path, seed + RESEED)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(variant_encoder(variant, pretrained, initial, network["network_kind"]), path)
-            start = study.Start(f"{args.pretraining}_{variant}", "finetune", network, variant)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(study.random_encoder_state(network, seed + RESEED) if variant == "random_reseeded"
+                       else variant_encoder(variant, pretrained, initial, network["network_kind"]), path)
             chains.append(study.Chain(tuple(study.finetune_chain(preset, start, 1, seed, out_runs, data,
                                                                  {variant: path}))))
     study.check_overrides(root, [step for chain in chains for step in chain.steps])
     study.run_chains(chains, root, args.jobs, study.Ledger(total=2 * len(chains)))
 
-    scratch = study.Start(f"scratch_{study.network_label(network)}", "scratch", network)
-    folders = {"scratch": runs / "finetune" / scratch.folder, args.pretraining: runs / "finetune" / args.pretraining,
-               **{variant: out_runs / "finetune" / f"{args.pretraining}_{variant}" for variant in args.variants}}
-    results = {name: [study.read_result(folder / f"k1_seed{seed}", scratch, 1, seed)
-                      if (folder / f"k1_seed{seed}" / "test.done.json").is_file() else None for seed in args.seeds]
-               for name, folder in folders.items()}
+    columns = {"scratch": (runs, study.scratch_start(network)),
+               args.pretraining: (runs, study.Start(args.pretraining, "finetune", network, args.pretraining)),
+               **{variant: (out_runs, start) for variant, start in starts.items()}}
+    results = {}
+    for name, (folder, start) in columns.items():
+        runs_of = [folder / "finetune" / start.folder / f"k1_seed{seed}" for seed in args.seeds]
+        results[name] = [study.read_result(run, start, 1, seed) if (run / "test.done.json").is_file() else None
+                         for run, seed in zip(runs_of, args.seeds)]
     command = shlex.join(["python", str(Path(__file__).resolve().relative_to(root)),
                           *(sys.argv[1:] if argv is None else argv)])
     header = [f"# Which part of {args.pretraining}'s pretrained encoder changes its fine-tuning", "",
@@ -178,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     lines = ablation_table(results, args.seeds, args.organ)
     study.write_report(Path(args.out), header, lines)
     print("\n".join(lines))
+
 
 if __name__ == "__main__":
     main()

@@ -678,6 +678,11 @@ def describe_network(network: Mapping[str, Any]) -> str:
     return f"{name} ({kind}-{network['encoder_size']}{extra}), {_volume(roi)} crops{precision}"
 
 
+def scratch_start(network: Mapping[str, Any]) -> Start:
+    """The start from scratch of ``network`` (seg_finetune settings), one per distinct network."""
+    return Start(f"scratch_{network_label(network)}", "scratch", network)
+
+
 def plan_starts(networks: Mapping[str, Mapping[str, Any]]) -> list[Start]:
     """Scratch once per distinct network, then each pretraining fine-tuned and probed, then each distinct
     network probed with its encoder frozen at its random initialisation."""
@@ -685,7 +690,7 @@ def plan_starts(networks: Mapping[str, Mapping[str, Any]]) -> list[Start]:
     for network in networks.values():
         label = network_label(network)
         if label not in scratch:
-            scratch[label] = Start(f"scratch_{label}", "scratch", network)
+            scratch[label] = scratch_start(network)
             starts.append(scratch[label])
     for name, network in networks.items():
         starts.append(Start(name, "finetune", network, name))
@@ -698,16 +703,22 @@ def random_encoder_path(runs: Path, start: Start, seed: int) -> Path:
     return runs / "random_encoders" / start.folder / f"seed{seed}.pt"
 
 
-def write_random_encoder(network: Mapping[str, Any], path: Path, seed: int) -> None:
-    """The encoder of ``network`` (seg_finetune settings) as initialised under ``seed``, saved in a pretraining
-    model.pt's format: the frozen encoder of the random-probe baseline (seg_finetune freezes only a loaded one)."""
+def random_encoder_state(network: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """The encoder of ``network`` (seg_finetune settings) as initialised under ``seed`` (what the bundle's run of
+    that seed starts from), in a pretraining model.pt's naming."""
     with torch.random.fork_rng():  # the study's own random state stays as it was
         torch.manual_seed(seed)
         built = build_segmentation_network(network["network_kind"], network["encoder_size"],
                                            img_size=network["roi_size"], encoder_args=network["encoder_args"],
                                            decoder=network.get("decoder", "default"))
+    return encoder_state(built, network["network_kind"])
+
+
+def write_random_encoder(network: Mapping[str, Any], path: Path, seed: int) -> None:
+    """:func:`random_encoder_state` saved to ``path``: the frozen encoder of the random-probe baseline
+    (seg_finetune freezes only a loaded one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(encoder_state(built, network["network_kind"]), path)
+    torch.save(random_encoder_state(network, seed), path)
 
 
 def finetune_chain(preset: Preset, start: Start, k: int, seed: int, runs: Path, data: Mapping[str, Path],
