@@ -17,6 +17,11 @@ from):
   round. Where in the encoder pretraining's effect lies.
 - ``random_reseeded``: the initialisation drawn under seed + 1000, at its own norms: how much the
   draw of the initial weights alone changes what the seed's labelled scan teaches.
+- ``pretrained_at_initial_activations`` (SegResNet only): the pretrained encoder with the convolution
+  that feeds each stage (the stem, each stage's downsampling convolution) scaled so that the stage's
+  first residual block gets inputs of the random initialisation's RMS on the seed's labelled scan.
+  A SegResNet residual branch normalises its input (group norm first), so this sets how much each
+  block adds to what passes by it without touching what any filter detects.
 
 It then tabulates their held-out Dice beside the study's scratch and pretrained runs of the same
 seeds (mean over organs, and ``--organ``'s). The runs go to ``<runs>/encoder_ablation/``.
@@ -28,24 +33,27 @@ seeds (mean over organs, and ``--organ``'s). The runs go to ``<runs>/encoder_abl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from medssl.data import LABEL_IDS
 from medssl.demo import repository_root
-from medssl.encoders import SEGMENTATION_PREFIX
+from medssl.data import ct_seg_val_transforms
+from medssl.encoders import SEGMENTATION_PREFIX, build_segmentation_network
 from medssl.segmentation import encoder_level
-from medssl.zoo import ENCODER_KEY_PREFIX
+from medssl.zoo import ENCODER_KEY_PREFIX, copy_encoder_weights
 
 import study
 
 MIXED_VARIANTS = ("random_at_pretrained_norms", "pretrained_at_initial_norms", "pretrained_shallow", "pretrained_deep")
-VARIANTS = (*MIXED_VARIANTS, "random_reseeded")
+VARIANTS = (*MIXED_VARIANTS, "random_reseeded", "pretrained_at_initial_activations")
 RESEED = 1000  # random_reseeded's initialisation seed, added to the run's
 
 
@@ -86,6 +94,48 @@ def variant_encoder(variant: str, pretrained: Mapping[str, torch.Tensor], initia
         shallow = variant == "pretrained_shallow"
         return {name: (pretrained if (level[name] < split) == shallow else initial)[name].clone() for name in initial}
     raise ValueError(f"unknown variant {variant!r}; choose from {MIXED_VARIANTS}")
+
+
+def stage_inputs_rms(state: Mapping[str, torch.Tensor], network: Mapping[str, Any], image: torch.Tensor) -> list[float]:
+    """RMS of what each stage's first residual block of a SegResNet (seg_finetune ``network`` settings, encoder
+    ``state``) gets from ``image`` (1, C, *spatial), stage by stage."""
+    built = build_segmentation_network("cnn", network["encoder_size"], img_size=network["roi_size"],
+                                       encoder_args=network["encoder_args"])
+    copy_encoder_weights(built, "cnn", dict(state))
+    found: list[float] = []
+    # A stage is (stride-2 convolution, or nothing for the first, then residual blocks).
+    hooks = [stage[1].register_forward_pre_hook(lambda module, args: found.append(float(args[0].pow(2).mean().sqrt())))
+             for stage in built.down_layers]
+    with torch.no_grad():
+        built.eval().encode(image)
+    for hook in hooks:
+        hook.remove()
+    return found
+
+
+def at_initial_activations(pretrained: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor],
+                           network: Mapping[str, Any], image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The ``pretrained_at_initial_activations`` encoder of a SegResNet: stage by stage, the convolution feeding
+    the stage (bias-free, so its output scales with it) scaled so that the stage's first residual block gets
+    inputs of ``initial``'s RMS on ``image``."""
+    state = {name: pretrained[name].clone() for name in initial}
+    target = stage_inputs_rms(initial, network, image)
+    for stage in range(len(target)):
+        feeding = f"{ENCODER_KEY_PREFIX}convInit.conv.weight" if stage == 0 else \
+            f"{ENCODER_KEY_PREFIX}down_layers.{stage}.0.conv.weight"
+        state[feeding] = state[feeding] * (target[stage] / stage_inputs_rms(state, network, image)[stage])
+    return state
+
+
+def labelled_image(dataset_json: Path) -> torch.Tensor:
+    """The first training case of a seeded dataset.json (the k = 1 run's labelled scan) as seg_finetune's
+    validation preprocessing gives it, (1, 1, *spatial), each side padded up to a multiple of 16."""
+    case = json.loads(dataset_json.read_text())["training"][0]
+    image = ct_seg_val_transforms()({"image": str(dataset_json.parent / case["image"]),
+                                     "label": str(dataset_json.parent / case["label"])})["image"]
+    padding = [(-size) % 16 for size in image.shape[1:]]
+    return torch.nn.functional.pad(image.as_tensor()[None].float(),
+                                   [side for size in reversed(padding) for side in (0, size)])
 
 
 def norm_ratios(pretrained: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor]) -> list[tuple[str, float]]:
@@ -137,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"{weights} is missing: run the study with --methods {args.pretraining} first")
     _, networks = study.pretraining_plan(root, preset, runs)
     network = {**networks[args.pretraining], **({"amp": True} if args.amp else {})}
+    if "pretrained_at_initial_activations" in args.variants and network["network_kind"] != "cnn":
+        parser.error(f"pretrained_at_initial_activations is for SegResNet encoders; {args.pretraining}'s is "
+                     f"{network['network_kind']}")
     pretrained = torch.load(weights, map_location="cpu", weights_only=True)
 
     data = study.phantom_pools(preset, runs / "data", ("finetune", "test"))
@@ -153,8 +206,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         for variant, start in starts.items():
             path = out_runs / "encoders" / variant / f"seed{seed}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(study.random_encoder_state(network, seed + RESEED) if variant == "random_reseeded"
-                       else variant_encoder(variant, pretrained, initial, network["network_kind"]), path)
+            if variant == "random_reseeded":
+                state = study.random_encoder_state(network, seed + RESEED)
+            elif variant == "pretrained_at_initial_activations":
+                state = at_initial_activations(pretrained, initial, network,
+                                               labelled_image(data[f"finetune_seed{seed}"]))
+            else:
+                state = variant_encoder(variant, pretrained, initial, network["network_kind"])
+            torch.save(state, path)
             chains.append(study.Chain(tuple(study.finetune_chain(preset, start, 1, seed, out_runs, data,
                                                                  {variant: path}))))
     study.check_overrides(root, [step for chain in chains for step in chain.steps])

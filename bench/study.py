@@ -47,6 +47,7 @@ the raw image learns organs whatever the encoder holds, the linear head reads on
     python bench/study.py --size small-isodense --amp --out docs/results_isodense.md  # isodense soft tissue, k = 1
     python bench/study.py --size small-isodense-long --amp --out docs/results_isodense_long.md  # and 360 steps
     python bench/study.py --size small-long-pretrain64 --amp --out docs/results_pretrain64.md  # 64 unlabelled scans
+    python bench/study.py --size small-longer-pretrain64 --amp --out docs/results_pretrain64_720.md  # and 720 steps
     python bench/study.py --size paper --out docs/results_paper.md      # GPU sizes
 """
 
@@ -273,6 +274,16 @@ PRESETS["small-long-pretrain64"] = replace(
     "phantoms of 96³ for pretraining (62 trained on, 2 validated on) instead of 10; each bundle keeps its epochs, "
     "so it pretrains for about 8 times the steps.",
     pretrain_pool=PhantomPool(64, (96, 96, 96)),
+)
+# Frepa-CNN's start never learnt the aorta in 360 steps (docs/study_findings.md, E21-E23): whether
+# twice the fine-tuning budget turns its pretrained shallow filters (results: E24 there).
+PRESETS["small-longer-pretrain64"] = replace(
+    PRESETS["small-long-pretrain64"],
+    note="small-longer-pretrain64 preset: the small-long-pretrain64 preset with twice its fine-tuning budget "
+    "(720 steps of two crops, warm-up 72, validation every 120) at k = 1; same pretraining.",
+    steps=720,
+    warmup_steps=72,
+    val_every=120,
 )
 
 

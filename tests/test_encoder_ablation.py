@@ -75,3 +75,24 @@ def test_the_table_gives_each_seed_and_the_mean_over_the_seeds_each_start_has():
     assert lines[2] == "| 2 | 40.0 (60.0) | 30.0 (0.0) |"
     assert lines[3] == "| 5 | 50.0 (50.0) | n/a |"
     assert lines[4] == "| mean ± sd | 45.0 ± 7.1 (55.0 ± 7.1) | 30.0 (0.0) |"
+
+
+def test_pretrained_at_initial_activations_rescales_only_what_feeds_each_stage():
+    network = {"network_kind": "cnn", "encoder_size": "tiny", "roi_size": [16, 16, 16], "encoder_args": {}}
+    initial = study.random_encoder_state(network, 0)
+    pretrained = {name: tensor * 3.0 if tensor.ndim > 1 else tensor for name, tensor in
+                  study.random_encoder_state(network, 1).items()}
+    image = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    state = encoder_ablation.at_initial_activations(pretrained, initial, network, image)
+
+    reached = encoder_ablation.stage_inputs_rms(state, network, image)
+    assert len(reached) == 4
+    assert reached == pytest.approx(encoder_ablation.stage_inputs_rms(initial, network, image), rel=1e-4)
+    assert encoder_ablation.stage_inputs_rms(pretrained, network, image)[3] > 10 * reached[3]
+    feeding = ["encoder.convInit.conv.weight"] + [f"encoder.down_layers.{stage}.0.conv.weight" for stage in (1, 2, 3)]
+    changed = [name for name in state if not torch.equal(state[name], pretrained[name])]
+    assert changed == feeding
+    for name in feeding:  # a positive factor: the filters' directions stay the pretrained ones
+        factor = (state[name] / pretrained[name]).flatten()
+        assert 0 < factor[0] < 1
+        assert torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-4)
