@@ -118,7 +118,7 @@ def at_initial_activations(pretrained: Mapping[str, torch.Tensor], initial: Mapp
     """The ``pretrained_at_initial_activations`` encoder of a SegResNet: stage by stage, the convolution feeding
     the stage (bias-free, so its output scales with it) scaled so that the stage's first residual block gets
     inputs of ``initial``'s RMS on ``image``."""
-    state = {name: pretrained[name].clone() for name in initial}
+    state = {name: pretrained[name].clone() for name in initial}  # pretraining's other tensors left out
     target = stage_inputs_rms(initial, network, image)
     for stage in range(len(target)):
         feeding = f"{ENCODER_KEY_PREFIX}convInit.conv.weight" if stage == 0 else \
@@ -203,14 +203,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         if seed == args.seeds[0]:
             print("pretrained / initial norm of each weight tensor:\n" + "\n".join(
                 f"  {name}: {ratio:.2f}" for name, ratio in norm_ratios(pretrained, initial)), flush=True)
+        image = labelled_image(data[f"finetune_seed{seed}"]) if network["network_kind"] == "cnn" else None
+        if image is not None:
+            print(f"RMS of each stage's input on seed {seed}'s labelled scan: initial " +
+                  " ".join(f"{rms:.3f}" for rms in stage_inputs_rms(initial, network, image)) + ", pretrained " +
+                  " ".join(f"{rms:.3f}" for rms in stage_inputs_rms({name: pretrained[name] for name in initial}, network, image)), flush=True)
         for variant, start in starts.items():
             path = out_runs / "encoders" / variant / f"seed{seed}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
             if variant == "random_reseeded":
                 state = study.random_encoder_state(network, seed + RESEED)
             elif variant == "pretrained_at_initial_activations":
-                state = at_initial_activations(pretrained, initial, network,
-                                               labelled_image(data[f"finetune_seed{seed}"]))
+                state = at_initial_activations(pretrained, initial, network, image)
             else:
                 state = variant_encoder(variant, pretrained, initial, network["network_kind"])
             torch.save(state, path)
