@@ -23,7 +23,8 @@ from):
   A SegResNet residual branch normalises its input (group norm first), so this sets how much each
   block adds to what passes by it without touching what any filter detects.
 
-It then tabulates their held-out Dice beside the study's scratch and pretrained runs of the same
+For a SegResNet it prints, per seed, the RMS of each stage's input on the labelled scan from the
+initial and the pretrained encoder. It then tabulates their held-out Dice beside the study's scratch and pretrained runs of the same
 seeds (mean over organs, and ``--organ``'s). The runs go to ``<runs>/encoder_ablation/``.
 
     python bench/encoder_ablation.py --size small-long-pretrain64 --amp --pretraining frepa_cnn \\
@@ -43,9 +44,8 @@ from typing import Any
 
 import torch
 
-from medssl.data import LABEL_IDS
+from medssl.data import LABEL_IDS, ct_seg_val_transforms
 from medssl.demo import repository_root
-from medssl.data import ct_seg_val_transforms
 from medssl.encoders import SEGMENTATION_PREFIX, build_segmentation_network
 from medssl.segmentation import encoder_level
 from medssl.zoo import ENCODER_KEY_PREFIX, copy_encoder_weights
@@ -205,9 +205,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"  {name}: {ratio:.2f}" for name, ratio in norm_ratios(pretrained, initial)), flush=True)
         image = labelled_image(data[f"finetune_seed{seed}"]) if network["network_kind"] == "cnn" else None
         if image is not None:
-            print(f"RMS of each stage's input on seed {seed}'s labelled scan: initial " +
-                  " ".join(f"{rms:.3f}" for rms in stage_inputs_rms(initial, network, image)) + ", pretrained " +
-                  " ".join(f"{rms:.3f}" for rms in stage_inputs_rms({name: pretrained[name] for name in initial}, network, image)), flush=True)
+            sizes = {name: " ".join(f"{rms:.3f}" for rms in stage_inputs_rms(state, network, image))
+                     for name, state in (("initial", initial), ("pretrained", pretrained))}
+            print(f"RMS of each stage's input on seed {seed}'s labelled scan: initial {sizes['initial']}, "
+                  f"pretrained {sizes['pretrained']}", flush=True)
         for variant, start in starts.items():
             path = out_runs / "encoders" / variant / f"seed{seed}.pt"
             path.parent.mkdir(parents=True, exist_ok=True)
