@@ -24,8 +24,9 @@ from):
   block adds to what passes by it without touching what any filter detects.
 
 For a SegResNet it prints, per seed, the RMS of each stage's input on the labelled scan from the
-initial and the pretrained encoder. It then tabulates their held-out Dice beside the study's scratch and pretrained runs of the same
-seeds (mean over organs, and ``--organ``'s). The runs go to ``<runs>/encoder_ablation/``.
+initial and the pretrained encoder. It then tabulates their held-out Dice beside the study's scratch
+and pretrained runs of the same seeds (mean over organs, and ``--organ``'s). The runs go to
+``<runs>/encoder_ablation/``.
 
     python bench/encoder_ablation.py --size small-long-pretrain64 --amp --pretraining frepa_cnn \\
         --organ aorta --seeds 2 5 6 --jobs 2 --out runs/encoder_ablation_frepa_cnn.md
@@ -127,12 +128,14 @@ def at_initial_activations(pretrained: Mapping[str, torch.Tensor], initial: Mapp
     return state
 
 
-def labelled_image(dataset_json: Path) -> torch.Tensor:
+def labelled_image(dataset_json: Path, spacing: Sequence[float], intensity_range: Sequence[float]) -> torch.Tensor:
     """The first training case of a seeded dataset.json (the k = 1 run's labelled scan) as seg_finetune's
-    validation preprocessing gives it, (1, 1, *spatial), each side padded up to a multiple of 16."""
+    validation preprocessing gives it at the bundle's ``spacing`` and ``intensity_range``, (1, 1, *spatial),
+    each side padded up to a multiple of 16."""
     case = json.loads(dataset_json.read_text())["training"][0]
-    image = ct_seg_val_transforms()({"image": str(dataset_json.parent / case["image"]),
-                                     "label": str(dataset_json.parent / case["label"])})["image"]
+    preprocessing = ct_seg_val_transforms(spacing=spacing, a_min=intensity_range[0], a_max=intensity_range[1])
+    image = preprocessing({"image": str(dataset_json.parent / case["image"]),
+                           "label": str(dataset_json.parent / case["label"])})["image"]
     padding = [(-size) % 16 for size in image.shape[1:]]
     return torch.nn.functional.pad(image.as_tensor()[None].float(),
                                    [side for size in reversed(padding) for side in (0, size)])
@@ -193,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     pretrained = torch.load(weights, map_location="cpu", weights_only=True)
 
     data = study.phantom_pools(preset, runs / "data", ("finetune", "test"))
+    finetune_config = study.bundle_config(root, "seg_finetune", preset.finetune_configs, ["spacing", "intensity_range"])
     out_runs = runs / "encoder_ablation"
     starts = {variant: study.Start(f"{args.pretraining}_{variant}", "finetune", network, variant)
               for variant in args.variants}
@@ -203,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if seed == args.seeds[0]:
             print("pretrained / initial norm of each weight tensor:\n" + "\n".join(
                 f"  {name}: {ratio:.2f}" for name, ratio in norm_ratios(pretrained, initial)), flush=True)
-        image = labelled_image(data[f"finetune_seed{seed}"]) if network["network_kind"] == "cnn" else None
+        image = labelled_image(data[f"finetune_seed{seed}"], finetune_config["spacing"],
+                               finetune_config["intensity_range"]) if network["network_kind"] == "cnn" else None
         if image is not None:
             sizes = {name: " ".join(f"{rms:.3f}" for rms in stage_inputs_rms(state, network, image))
                      for name, state in (("initial", initial), ("pretrained", pretrained))}
