@@ -24,7 +24,7 @@ from):
   block adds to what passes by it without touching what any filter detects.
 
 For a SegResNet it prints, per seed, the RMS of each stage's input on the labelled scan from the
-initial and the pretrained encoder. It then tabulates their held-out Dice beside the study's scratch
+initial and the pretrained encoder. It then tabulates the variants' held-out Dice beside the study's scratch
 and pretrained runs of the same seeds (mean over organs, and ``--organ``'s). The runs go to
 ``<runs>/encoder_ablation/``.
 
