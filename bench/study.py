@@ -4,9 +4,10 @@ On generated phantom CT scans, with every step a bundle's own MONAI CLI command 
 runs, its log kept beside its outputs):
 
 1. pretrain hiend_mae, maesil and frepa (one run per encoder kind: vit, swin, cnn) on unlabelled
-   scans (phantom seed 1000), once per method, each into ``<runs>/pretrain/<method>/``; an
-   ablation (``ABLATIONS``, e.g. ``frepa_cnn_no_lfp``: Frepa-CNN without its low-frequency
-   perturbation) runs as a method of its own when ``--methods`` names it;
+   scans (phantom seed 1000), once per method, each into ``<runs>/pretrain/<method>/``; a
+   variant (``VARIANTS``: a method's run with one setting changed, e.g. ``frepa_cnn_no_lfp``,
+   Frepa-CNN without its low-frequency perturbation, or ``frepa_cnn_seed1``, Frepa-CNN pretrained
+   again from another seed) runs as a method of its own when ``--methods`` names it;
 2. fine-tune bundles/seg_finetune from each pretrained encoder, from scratch (the same network)
    and with the pretrained encoder frozen (probing; baseline: the encoder frozen at its random
    initialisation), on k labelled scans of the fine-tuning pool
@@ -103,7 +104,7 @@ class Pretraining:
     name: str
     bundle: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
-    ablation_of: str | None = None  # the method this run repeats with one part of its recipe taken out
+    variant_of: str | None = None  # the method this run repeats with one setting changed
 
 
 # Frepa builds its encoder with medssl.encoders.build_encoder, so it takes every kind there is.
@@ -113,15 +114,18 @@ PRETRAININGS = (
     Pretraining("maesil", "maesil"),
     *(Pretraining(f"frepa_{kind}", "frepa", {"encoder_kind": kind}) for kind in FREPA_ENCODER_KINDS),
 )
-# Run only when --methods names them. An ablation fine-tunes the network of the method it ablates, so
+# Run only when --methods names them. A variant fine-tunes the network of the method it varies, so
 # it leaves a study's settings (and so its records and runs folders) as they are.
-ABLATIONS = (
+VARIANTS = (
     # Frepa-CNN without the low-frequency perturbation (sigma 0: the perturbed view is the clean crop),
     # to tell whether it is what keeps Frepa-CNN's SegResNet from the aorta (docs/study_findings.md, E22).
     Pretraining("frepa_cnn_no_lfp", "frepa", {"encoder_kind": "cnn", "corruption#perturbation_sigma": [0.0, 0.0]},
-                ablation_of="frepa_cnn"),
+                variant_of="frepa_cnn"),
+    # Frepa-CNN pretrained from another seed (initialisation, crops and corruption draws): whether what its
+    # start does to the aorta belongs to the recipe or to the one draw of it (E26 there).
+    Pretraining("frepa_cnn_seed1", "frepa", {"encoder_kind": "cnn", "seed": 1}, variant_of="frepa_cnn"),
 )
-ALL_PRETRAININGS = (*PRETRAININGS, *ABLATIONS)
+ALL_PRETRAININGS = (*PRETRAININGS, *VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -646,13 +650,13 @@ def pretraining_plan(root: Path, preset: Preset, runs: Path) -> tuple[dict[str, 
         overrides[run.name] = {
             "bundle_root": str(folder), "ckpt_dir": str(folder / "models"), "output_dir": str(folder / "eval"),
             "num_val": preset.pretrain_num_val, **run.overrides,
-            **preset.pretrain_overrides.get(run.ablation_of or run.name, {})}
+            **preset.pretrain_overrides.get(run.variant_of or run.name, {})}
         config = bundle_config(root, run.bundle, preset.pretrain_configs, [*overrides[run.name], "dataset_dir"])
         config.update(overrides[run.name])
         networks[run.name] = finetune_network(run, config)
-        if run.ablation_of and networks[run.name] != networks[run.ablation_of]:
-            raise ValueError(f"ablation {run.name} would fine-tune {networks[run.name]}, not {run.ablation_of}'s "
-                             f"{networks[run.ablation_of]}: its overrides must leave the encoder as it is")
+        if run.variant_of and networks[run.name] != networks[run.variant_of]:
+            raise ValueError(f"variant {run.name} would fine-tune {networks[run.name]}, not {run.variant_of}'s "
+                             f"{networks[run.variant_of]}: its overrides must leave the encoder as it is")
     return overrides, networks
 
 
@@ -1044,10 +1048,10 @@ GRID_AXES = ("label_counts", "probe_label_counts", "seeds")
 
 def study_settings(size: str, preset: Preset, networks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """What makes two studies comparable: the size, the preset's numbers (not its note nor its grid's axes)
-    and the networks; an ablation's network is its method's (pretraining_plan checks it), so it is left out."""
+    and the networks; a variant's network is its method's (pretraining_plan checks it), so it is left out."""
     numbers = {key: value for key, value in asdict(preset).items() if key != "note"}
-    ablations = {run.name for run in ABLATIONS}
-    networks = {name: network for name, network in networks.items() if name not in ablations}
+    variants = {run.name for run in VARIANTS}
+    networks = {name: network for name, network in networks.items() if name not in variants}
     return comparable_settings({"size": size, "networks": networks, "preset": numbers})
 
 
@@ -1078,7 +1082,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "pretrainings); with more than one and OMP_NUM_THREADS unset, each gets cpu_count / jobs "
                              "threads")
     parser.add_argument("--methods", nargs="+", choices=[run.name for run in ALL_PRETRAININGS],
-                        help="run only these pretraining methods (default all but the ablations, which run only "
+                        help="run only these pretraining methods (default all but the variants, which run only "
                              "when named); the rest of the tables reads n/a")
     parser.add_argument("--label-counts", nargs="+", type=int,
                         help="run only these of the preset's label counts k (default all)")

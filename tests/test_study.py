@@ -168,18 +168,25 @@ def test_selection_narrows_the_grid_refuses_label_counts_outside_the_preset_and_
                    **narrowing}))
 
 
-def test_the_frepa_cnn_ablation_runs_when_named_pretrains_without_the_perturbation_and_keeps_the_settings(tmp_path):
+def test_variants_run_when_named_and_keep_the_settings(tmp_path):
     preset = study.PRESETS["small"]
-    overrides, networks = study.pretraining_plan(ROOT, preset, tmp_path)
-    assert networks["frepa_cnn_no_lfp"] == networks["frepa_cnn"]
-    assert study.study_settings("small", preset, networks) == study.study_settings(
-        "small", preset, {name: network for name, network in networks.items() if name != "frepa_cnn_no_lfp"})
+    _, networks = study.pretraining_plan(ROOT, preset, tmp_path)
     parser = study.argparse.ArgumentParser()
     grid = {"size": "small", "label_counts": None, "probe_label_counts": None, "seeds": None}
     default = study.run_selection(parser, preset, study.argparse.Namespace(methods=None, **grid))
-    assert "frepa_cnn_no_lfp" not in default.methods
-    named = study.run_selection(parser, preset, study.argparse.Namespace(methods=["frepa_cnn_no_lfp"], **grid))
-    assert named.methods == ("frepa_cnn_no_lfp",)
+    for variant in study.VARIANTS:
+        assert networks[variant.name] == networks[variant.variant_of]
+        assert variant.name not in default.methods
+        named = study.run_selection(parser, preset, study.argparse.Namespace(methods=[variant.name], **grid))
+        assert named.methods == (variant.name,)
+    assert study.study_settings("small", preset, networks) == study.study_settings(
+        "small", preset, {name: network for name, network in networks.items()
+                          if name not in {variant.name for variant in study.VARIANTS}})
+
+
+def test_the_frepa_cnn_ablation_pretrains_without_the_perturbation(tmp_path):
+    preset = study.PRESETS["small"]
+    overrides, _ = study.pretraining_plan(ROOT, preset, tmp_path)
 
     crop = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
     perturbed = {}
@@ -190,6 +197,19 @@ def test_the_frepa_cnn_ablation_runs_when_named_pretrains_without_the_perturbati
         perturbed[name] = corruption.views(crop, torch.Generator().manual_seed(1))[1]
     torch.testing.assert_close(perturbed["frepa_cnn_no_lfp"], crop, atol=1e-6, rtol=0)
     assert (perturbed["frepa_cnn"] - crop).abs().max() > 1e-3
+
+
+def test_the_reseeded_frepa_cnn_starts_from_other_weights(tmp_path):
+    preset = study.PRESETS["small"]
+    overrides, _ = study.pretraining_plan(ROOT, preset, tmp_path)
+    first_weights = {}
+    for name in ("frepa_cnn", "frepa_cnn_seed1"):
+        config = study.bundle_config(ROOT, "frepa", preset.pretrain_configs, overrides[name])
+        config.update(overrides[name])
+        config.get_parsed_content("initialize")
+        first_weights[name] = next(config.get_parsed_content("network_def", instantiate=True).parameters())
+    assert first_weights["frepa_cnn"].shape == first_weights["frepa_cnn_seed1"].shape
+    assert not torch.equal(first_weights["frepa_cnn"], first_weights["frepa_cnn_seed1"])
 
 
 def test_settings_leave_out_the_grid_axes_and_accept_records_that_kept_them(tmp_path):
