@@ -75,8 +75,9 @@ bench: venv
 # fine-tuning (`--amp`: 2-2.5x faster UNETR runs on a CPU with AVX512-BF16), then the parts of three
 # more presets that were run (docs/study_findings.md, E18 and E19): isodense soft tissues at 120 and
 # 360 steps, 64 unlabelled scans for pretraining (8 seeds for four methods and for the Frepa-CNN
-# ablation without low-frequency perturbation, E21 and E22), and Hi-End-MAE at 360 steps with
-# bfloat16 (8 seeds, E22).
+# ablation without low-frequency perturbation, E21 and E22; Frepa-CNN pretrained from a second seed, E26), twice
+# that fine-tuning budget for Frepa-CNN (8 seeds) and Frepa-ViT (4 seeds, E24 and E26), and Hi-End-MAE at 360
+# steps with bfloat16 (8 seeds, E22).
 # `--size paper` is for GPUs.
 study: venv
 	$(BIN)/python bench/study.py --size small --out docs/results.md --jobs 2
@@ -88,12 +89,19 @@ study: venv
 	$(BIN)/python bench/study.py --size small-isodense-long --amp --out docs/results_isodense_long.md --jobs 2 \
 		--probe-label-counts --methods hiend_mae frepa_vit
 	$(BIN)/python bench/study.py --size small-long-pretrain64 --amp --out docs/results_pretrain64.md --jobs 2 \
-		--probe-label-counts --methods hiend_mae frepa_vit maesil frepa_cnn frepa_cnn_no_lfp --seeds 0 1 2 3 4 5 6 7
+		--probe-label-counts --methods hiend_mae frepa_vit maesil frepa_cnn frepa_cnn_no_lfp frepa_cnn_seed1 \
+		--seeds 0 1 2 3 4 5 6 7
 	$(BIN)/python bench/study.py --size small-long-pretrain64 --amp --out docs/results_pretrain64.md --jobs 2 \
 		--probe-label-counts --methods frepa_swin
 	$(BIN)/python bench/study.py --size small-long-pretrain64 --amp --out docs/results_pretrain64.md \
-		--probe-label-counts --methods hiend_mae frepa_vit maesil frepa_cnn frepa_cnn_no_lfp frepa_swin \
+		--probe-label-counts --methods hiend_mae frepa_vit maesil frepa_cnn frepa_cnn_no_lfp frepa_cnn_seed1 frepa_swin \
 		--seeds 0 1 2 3 4 5 6 7 --report-only
+	$(BIN)/python bench/study.py --size small-longer-pretrain64 --amp --out docs/results_pretrain64_720.md --jobs 2 \
+		--probe-label-counts --methods frepa_cnn --seeds 0 1 2 3 4 5 6 7
+	$(BIN)/python bench/study.py --size small-longer-pretrain64 --amp --out docs/results_pretrain64_720.md --jobs 2 \
+		--probe-label-counts --methods frepa_vit --seeds 0 1 2 3
+	$(BIN)/python bench/study.py --size small-longer-pretrain64 --amp --out docs/results_pretrain64_720.md \
+		--probe-label-counts --methods frepa_cnn frepa_vit --seeds 0 1 2 3 4 5 6 7 --report-only
 	$(BIN)/python bench/study.py --size small-long --amp --out docs/results_long_amp.md --jobs 2 \
 		--probe-label-counts --methods hiend_mae --seeds 0 1 2 3 4 5 6 7
 
