@@ -122,7 +122,8 @@ def test_every_preset_plans_against_the_bundle_configs(size, tmp_path):
     """The keys the study overrides exist in today's configs; the fine-tuning networks match the encoders."""
     preset = study.PRESETS[size]
     _, networks = study.pretraining_plan(ROOT, preset, tmp_path)
-    assert set(networks) == {"hiend_mae", "maesil", "frepa_vit", "frepa_swin", "frepa_cnn", "frepa_cnn_no_lfp"}
+    assert set(networks) == {"hiend_mae", "maesil", "frepa_vit", "frepa_swin", "frepa_cnn", "frepa_cnn_no_lfp",
+                             "frepa_cnn_seed1"}
     assert [networks[f"frepa_{kind}"]["network_kind"] for kind in ("vit", "swin", "cnn")] == ["vit", "swin", "cnn"]
     assert networks["maesil"]["encoder_args"]["patch_size"] == 8
     assert networks["hiend_mae"]["roi_size"] == networks["frepa_vit"]["roi_size"]
