@@ -185,15 +185,21 @@ def test_variants_run_when_named_and_keep_the_settings(tmp_path):
                           if name not in {variant.name for variant in study.VARIANTS}})
 
 
+def pretraining_config(preset, overrides, name: str):
+    """The bundle config of the study's pretraining run ``name`` with its ``overrides`` (from pretraining_plan)."""
+    bundle = next(run.bundle for run in study.ALL_PRETRAININGS if run.name == name)
+    config = study.bundle_config(ROOT, bundle, preset.pretrain_configs, overrides[name])
+    config.update(overrides[name])
+    return config
+
+
 def test_the_frepa_cnn_ablation_pretrains_without_the_perturbation(tmp_path):
     preset = study.PRESETS["small"]
     overrides, _ = study.pretraining_plan(ROOT, preset, tmp_path)
-
     crop = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
     perturbed = {}
     for name in ("frepa_cnn", "frepa_cnn_no_lfp"):
-        config = study.bundle_config(ROOT, "frepa", preset.pretrain_configs, overrides[name])
-        config.update(overrides[name])
+        config = pretraining_config(preset, overrides, name)
         corruption = config.get_parsed_content("corruption", instantiate=True)
         perturbed[name] = corruption.views(crop, torch.Generator().manual_seed(1))[1]
     torch.testing.assert_close(perturbed["frepa_cnn_no_lfp"], crop, atol=1e-6, rtol=0)
@@ -205,8 +211,7 @@ def test_the_reseeded_frepa_cnn_starts_from_other_weights(tmp_path):
     overrides, _ = study.pretraining_plan(ROOT, preset, tmp_path)
     first_weights = {}
     for name in ("frepa_cnn", "frepa_cnn_seed1"):
-        config = study.bundle_config(ROOT, "frepa", preset.pretrain_configs, overrides[name])
-        config.update(overrides[name])
+        config = pretraining_config(preset, overrides, name)
         config.get_parsed_content("initialize")
         first_weights[name] = next(config.get_parsed_content("network_def", instantiate=True).parameters())
     assert first_weights["frepa_cnn"].shape == first_weights["frepa_cnn_seed1"].shape
